@@ -1,0 +1,112 @@
+"""Token blocks -> LM (stopped after layer L) -> shuffled, normalisable activation batches.
+
+Plain PyTorch: the in-process path iterates it directly and the Ray Data actors call
+``block_activations`` on their share of the blocks.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from dmsae_ray.data import valid_mask
+from dmsae_ray.lm import layer_activations
+
+
+@torch.no_grad()
+def block_activations(model: nn.Module, ids: Tensor, layer: int, specials: list[int]) -> Tensor:
+    """Activation rows [N_valid, d] (float32) of a batch of blocks, BOS/pad positions dropped."""
+    device = next(model.parameters()).device
+    ids = ids.to(device)
+    h = layer_activations(model, ids, layer)
+    return h[valid_mask(ids, specials)].float().cpu()
+
+
+def iter_activations(
+    model: nn.Module,
+    blocks: Iterable[Tensor],
+    layer: int,
+    specials: list[int],
+    llm_batch_size: int,
+) -> Iterator[Tensor]:
+    batch: list[Tensor] = []
+    for block in blocks:
+        batch.append(block)
+        if len(batch) == llm_batch_size:
+            yield block_activations(model, torch.stack(batch), layer, specials)
+            batch = []
+    if batch:
+        yield block_activations(model, torch.stack(batch), layer, specials)
+
+
+def shuffled_batches(
+    rows: Iterable[Tensor], batch_size: int, buffer_rows: int, seed: int
+) -> Iterator[Tensor]:
+    """Mix activations from many sequences in every batch (neighbouring tokens correlate)."""
+    gen = torch.Generator().manual_seed(seed)
+    pending: list[Tensor] = []
+    size = 0
+
+    def drain(keep: int) -> Iterator[Tensor]:
+        nonlocal pending, size
+        pool = torch.cat(pending)
+        pool = pool[torch.randperm(len(pool), generator=gen)]
+        n_out = (len(pool) - keep) // batch_size
+        for i in range(n_out):
+            yield pool[i * batch_size : (i + 1) * batch_size]
+        rest = pool[n_out * batch_size :]
+        pending, size = [rest], len(rest)
+
+    for chunk in rows:
+        pending.append(chunk)
+        size += len(chunk)
+        if size >= buffer_rows:
+            yield from drain(keep=buffer_rows // 2)
+    if size:
+        yield from drain(keep=0)
+
+
+class CachedActivations:
+    """Activations of the training blocks computed once and reused every cycle (small runs)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def exists(self) -> bool:
+        return self.path.is_file()
+
+    def build(self, rows: Iterator[Tensor], max_rows: int, log: Callable[[str], None]) -> None:
+        chunks, n, next_log, t0 = [], 0, 0, time.time()
+        for chunk in rows:
+            chunks.append(chunk)
+            n += len(chunk)
+            if n >= next_log:
+                rate = n / max(time.time() - t0, 1e-6)
+                log(f"activations {min(n, max_rows)}/{max_rows} tokens ({rate:.0f} tokens/s)")
+                next_log += max_rows // 10
+            if n >= max_rows:
+                break
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        save_file({"acts": torch.cat(chunks)[:max_rows].contiguous()}, str(tmp))
+        tmp.replace(self.path)
+
+    def load(self) -> Tensor:
+        return load_file(str(self.path))["acts"]
+
+    @staticmethod
+    def epochs(acts: Tensor, batch_size: int, seed: int) -> Iterator[Tensor]:
+        """Endless batches over the cached rows, reshuffled every epoch."""
+        gen = torch.Generator().manual_seed(seed)
+        epoch_len = len(acts) // batch_size
+        if epoch_len == 0:
+            raise ValueError(f"only {len(acts)} cached activations for a batch of {batch_size}")
+        while True:
+            perm = torch.randperm(len(acts), generator=gen)
+            for i in range(epoch_len):
+                yield acts[perm[i * batch_size : (i + 1) * batch_size]]

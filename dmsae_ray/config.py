@@ -1,0 +1,267 @@
+"""Typed run configuration, validated at the edge before any work starts.
+
+Defaults are the paper's reference run (``../shared/ALGORITHM.md``): gemma-2-2b, layer-12
+residual stream, 65,536 latents, k=320, tau=0.9, 7 distillation cycles after cycle 0,
+500M tokens per cycle. Every choice the spec marks as open ([I]) is a field here.
+``embedded_default()`` is the small no-network preset that ``dmsae run`` uses with no config.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+# SAEBench / dictionary_learning Matryoshka group fractions (ALGORITHM.md 4.1).
+DEFAULT_GROUP_FRACTIONS = [1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2 + 1 / 32]
+EMBEDDED_MODEL = "stories15m"
+EMBEDDED_CORPUS = "stories15m"
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names the field and what is allowed."""
+
+
+class _Strict(BaseModel):
+    # A typo in a key must fail loudly instead of silently running the default.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Strict):
+    name: str = Field(
+        "google/gemma-2-2b",
+        description="HF hub id, local model directory, or 'stories15m' (embedded default)",
+    )
+    layer: int = Field(12, ge=0, description="hook the output of decoder layer L")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="LM dtype; auto = bfloat16 on GPU, float32 on CPU"
+    )
+    attn_implementation: str | None = Field(
+        "eager", description="eager is what Gemma-2 needs for its logit softcapping"
+    )
+    revision: str | None = None
+
+
+class DataConfig(_Strict):
+    dataset: str = Field(
+        "monology/pile-uncopyrighted",
+        description="HF dataset name, local file/dir (.txt/.jsonl/.parquet), or 'stories15m'",
+    )
+    split: str = "train"
+    text_field: str = "text"
+    context_length: int = Field(1024, ge=8)
+    attribution_sequences: int = Field(
+        256, ge=1, description="held-out blocks scored every cycle (2^18 tokens at 1024)"
+    )
+    eval_sequences: int = Field(32, ge=1, description="held-out blocks for metrics")
+    llm_batch_size: int = Field(32, ge=1, description="sequences per LM forward")
+    cache_activations: bool = Field(
+        False, description="store training activations once and reuse them every cycle"
+    )
+
+
+class SAEConfig(_Strict):
+    width: int = Field(65_536, ge=2, description="total dictionary width K, core included")
+    k: int = Field(320, gt=0, description="target average L0 (BatchTopK k)")
+    group_fractions: list[float] = Field(default_factory=lambda: list(DEFAULT_GROUP_FRACTIONS))
+    group_mode: Literal["fractions", "absolute"] = Field(
+        "fractions",
+        description="fractions: split K-c; absolute: fixed boundaries, the core eats into G_0",
+    )
+    l0_budget: Literal["dynamic", "fixed"] = "dynamic"
+    core_decoder_init: Literal["random", "tied"] = "random"
+    bias_level: bool = Field(False, description="add a b_dec(+core)-only nested level")
+    aux_alpha: float = Field(1 / 32, ge=0)
+    dead_tokens: int = Field(10_000_000, gt=0, description="dead after this many tokens unfired")
+    threshold_beta: float = Field(0.999, ge=0, lt=1)
+    threshold_start_step: int = Field(1000, ge=0)
+    normalize_activations: bool = True
+    norm_batches: int = Field(100, ge=1, description="batches used to estimate norm_factor")
+
+    @model_validator(mode="after")
+    def _groups(self) -> SAEConfig:
+        fr = self.group_fractions
+        if not fr or any(f <= 0 for f in fr):
+            raise ValueError("sae.group_fractions must be a non-empty list of positive numbers")
+        if abs(sum(fr) - 1.0) > 1e-6:
+            raise ValueError(f"sae.group_fractions must sum to 1 (got {sum(fr):.6f})")
+        if self.k >= self.width:
+            raise ValueError(f"sae.k must be in [1, sae.width={self.width}) (got {self.k})")
+        return self
+
+
+class TrainConfig(_Strict):
+    tokens_per_cycle: int = Field(500_000_000, gt=0)
+    batch_size: int = Field(2048, gt=0, description="SAE batch in tokens")
+    lr: float = Field(3e-4, gt=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = Field(1000, ge=0)
+    decay_start: float = Field(0.8, gt=0, le=1, description="linear decay from this fraction")
+    grad_clip: float = Field(1.0, gt=0)
+    seed: int = 0
+    log_every: int = Field(50, gt=0, description="steps between progress lines")
+
+
+class AttributionConfig(_Strict):
+    mode: Literal["splice", "error_term"] = "splice"
+    pooling: Literal["quantile", "mean"] = "quantile"
+    quantile: float = Field(0.99, gt=0, le=1)
+    sign: Literal["abs", "helpful_only"] = "abs"
+    batch_size: int = Field(4, gt=0, description="sequences per forward+backward")
+
+
+class DistillConfig(_Strict):
+    tau: float = Field(0.9, gt=0, le=1, description="fraction of total attribution to explain")
+    cycles: int = Field(7, ge=0, description="distillation cycles after cycle 0")
+    core_mode: Literal["reselect", "accumulate"] = "reselect"
+    max_core: int | None = Field(None, gt=0, description="optional cap on the core size")
+    init_core: str | None = Field(
+        None, description="run directory whose distilled core seeds cycle 0 (frozen)"
+    )
+
+
+class RayConfig(_Strict):
+    address: str | None = Field(None, description="None: $RAY_ADDRESS or a local cluster")
+    num_workers: int = Field(1, ge=0, description="Ray Train workers (0 = in the driver)")
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    activation_actors: int = Field(1, ge=1)
+    max_failures: int = Field(2, ge=0)
+
+
+class RunConfig(_Strict):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    sae: SAEConfig = Field(default_factory=SAEConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    attribution: AttributionConfig = Field(default_factory=AttributionConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+    run_dir: str = "runs/dmsae"
+
+    @model_validator(mode="after")
+    def _cross(self) -> RunConfig:
+        if self.distill.max_core is not None and self.distill.max_core >= self.sae.width:
+            raise ValueError(
+                f"distill.max_core must be < sae.width={self.sae.width} "
+                f"(got {self.distill.max_core}): the SAE needs non-core latents"
+            )
+        if self.data.context_length < 2:
+            raise ValueError("data.context_length must be >= 2")
+        return self
+
+
+def embedded_default() -> RunConfig:
+    """stories15M, its own sampled corpus, a 2048-latent SAE: a few cycles in minutes on CPU."""
+    return RunConfig.model_validate(
+        {
+            "model": {"name": EMBEDDED_MODEL, "layer": 3, "dtype": "float32"},
+            "data": {
+                "dataset": EMBEDDED_CORPUS,
+                "context_length": 256,
+                "attribution_sequences": 16,
+                "eval_sequences": 8,
+                "llm_batch_size": 16,
+                "cache_activations": True,
+            },
+            "sae": {
+                "width": 2048,
+                "k": 32,
+                "dead_tokens": 100_000,
+                "threshold_start_step": 20,
+                # 0.999 averages over ~1000 steps; a 128-step cycle needs a shorter memory.
+                "threshold_beta": 0.95,
+                "norm_batches": 10,
+            },
+            "train": {
+                "tokens_per_cycle": 131_072,
+                "batch_size": 1024,
+                "lr": 1e-3,
+                "warmup_steps": 10,
+                "log_every": 32,
+            },
+            "attribution": {"batch_size": 8},
+            "distill": {"cycles": 3},
+            "run_dir": "runs/embedded",
+        }
+    )
+
+
+def _format_errors(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        field = ".".join(str(p) for p in e["loc"]) or "config"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; see `dmsae run --help`)"
+        lines.append(f"  {field}: {msg}")
+    return "invalid config:\n" + "\n".join(lines)
+
+
+def validate(data: dict[str, Any]) -> RunConfig:
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err)) from None
+
+
+def _set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = data
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted}: {key} is not a section")
+    node[keys[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'sae.k=32' -> ('sae.k', 32); the value is parsed as YAML so lists and numbers work."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value")
+    key, raw = text.split("=", 1)
+    return key.strip(), yaml.safe_load(raw) if raw.strip() else None
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    base: RunConfig | None = None,
+) -> RunConfig:
+    """Config file (YAML or JSON) on top of ``base`` (the embedded default when no file is
+    given, the paper defaults otherwise), then ``section.key=value`` overrides."""
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        text = p.read_text()
+        try:
+            data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
+        except (json.JSONDecodeError, yaml.YAMLError) as err:
+            raise ConfigError(f"cannot parse {p}: {err}") from None
+        data = data or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{p} must hold a mapping of sections")
+        data.pop("sweep", None)  # read by `dmsae sweep`, not part of a single run
+    else:
+        data = (base or embedded_default()).model_dump(mode="json")
+    for text in overrides or []:
+        key, value = parse_override(text)
+        _set_path(data, key, value)
+    return validate(data)
+
+
+def save_config(cfg: RunConfig, path: Path) -> None:
+    path.write_text(json.dumps(cfg.model_dump(mode="json"), indent=2) + "\n")
+
+
+def check_layer(cfg: RunConfig, num_layers: int) -> None:
+    """The depth is known only once the model config is read; still before any work."""
+    if cfg.model.layer >= num_layers:
+        raise ConfigError(
+            f"invalid config:\n  model.layer: must be in [0, {num_layers - 1}] for "
+            f"{cfg.model.name} ({num_layers} decoder layers), got {cfg.model.layer}"
+        )

@@ -1,0 +1,120 @@
+"""Core selection, transfer to the next cycle, and core stability (ALGORITHM.md 6, 9, 10)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from dmsae_ray.config import RunConfig
+from dmsae_ray.sae import MatryoshkaBatchTopKSAE
+
+LatentId = tuple[int, int]  # (cycle of origin, index in that cycle)
+
+
+def select_minimal(scores: Tensor, tau: float) -> tuple[list[int], float]:
+    """Smallest set of positions whose scores reach ``tau`` of the total, best first.
+
+    Zero scores never enter; ties are broken by the lower index so the result is deterministic
+    (any tied choice has the same size, so minimality does not depend on it). Returns the
+    positions and the fraction of the total they reach; all-zero scores give an empty set.
+    """
+    a = scores.double().clamp_min(0)
+    total = float(a.sum())
+    if total <= 0:
+        return [], 0.0
+    # Stable sort on -a keeps ascending index among equal scores.
+    order = torch.sort(-a, stable=True).indices
+    order = order[a[order] > 0]
+    cum = torch.cumsum(a[order], 0) / total
+    # A relative tolerance so tau=1 or exact fractions are not missed by rounding.
+    hit = torch.nonzero(cum >= tau - 1e-12).flatten()
+    n = int(hit[0]) + 1 if hit.numel() else len(order)
+    return order[:n].tolist(), float(cum[n - 1])
+
+
+@dataclass
+class CoreSelection:
+    indices: list[int]  # latent indices in the cycle's SAE, in selection order
+    ids: list[LatentId]
+    scores: list[float]  # pooled attribution of each selected latent
+    fraction: float  # fraction of the candidates' total attribution reached
+    candidate_scores: list[float]  # all candidates [0, c + m_0)
+
+
+def select_core(
+    sae: MatryoshkaBatchTopKSAE, pooled: Tensor, tau: float, mode: str, max_core: int | None
+) -> CoreSelection:
+    """``reselect``: choose among core and G_0; ``accumulate``: keep the core, add from G_0."""
+    c = sae.c
+    if mode == "reselect":
+        picked, frac = select_minimal(pooled, tau)
+    elif mode == "accumulate":
+        rel, frac = select_minimal(pooled[c:], tau)
+        picked = list(range(c)) + [c + i for i in rel]
+    else:
+        raise ValueError(f"unknown core mode {mode!r}")
+    if max_core is not None:
+        picked = picked[:max_core]
+    return CoreSelection(
+        indices=picked,
+        ids=[latent_id(sae, i) for i in picked],
+        scores=[float(pooled[i]) for i in picked],
+        fraction=frac,
+        candidate_scores=pooled.tolist(),
+    )
+
+
+def latent_id(sae: MatryoshkaBatchTopKSAE, i: int) -> LatentId:
+    return int(sae.origin_cycle[i]), int(sae.origin_index[i])
+
+
+def core_vectors(sae: MatryoshkaBatchTopKSAE, indices: list[int]) -> Tensor:
+    """Encoder columns [d, n] of the chosen latents, core or not, in the given order."""
+    return sae.W_enc[:, indices].detach().clone()
+
+
+def build_sae(
+    cfg: RunConfig,
+    d_in: int,
+    cycle: int,
+    core: Tensor | None = None,
+    core_ids: list[LatentId] | None = None,
+    seed: int | None = None,
+) -> MatryoshkaBatchTopKSAE:
+    """A fresh SAE for ``cycle``: core encoder columns copied in order and frozen, everything
+    else (core decoder, every bias, every non-core latent) re-initialised."""
+    c = 0 if core is None else core.shape[1]
+    torch.manual_seed(cfg.train.seed + cycle if seed is None else seed)
+    sae = MatryoshkaBatchTopKSAE(
+        d_in,
+        cfg.sae.width,
+        cfg.sae.k,
+        core_size=c,
+        group_fractions=cfg.sae.group_fractions,
+        group_mode=cfg.sae.group_mode,
+        l0_budget=cfg.sae.l0_budget,
+        bias_level=cfg.sae.bias_level,
+        cycle=cycle,
+    )
+    if c:
+        ids = torch.tensor(core_ids or [], dtype=torch.long).reshape(c, 2)
+        sae.set_core(core, ids[:, 0], ids[:, 1], tied=cfg.sae.core_decoder_init == "tied")
+    return sae
+
+
+def jaccard(a: list[LatentId], b: list[LatentId]) -> float:
+    sa, sb = {tuple(x) for x in a}, {tuple(x) for x in b}
+    if not sa and not sb:
+        return 1.0
+    return len(sa & sb) / len(sa | sb)
+
+
+def selection_counts(history: list[list[LatentId]]) -> dict[LatentId, int]:
+    """How many cycles selected each latent (by persistent id)."""
+    counts: dict[LatentId, int] = {}
+    for core in history:
+        for lid in core:
+            counts[tuple(lid)] = counts.get(tuple(lid), 0) + 1
+    return counts

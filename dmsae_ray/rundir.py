@@ -1,0 +1,161 @@
+"""The run directory, the unit of persistence (``../shared/DESIGN.md``).
+
+Every file is written to a temporary name and renamed into place, so a crash never leaves a
+half-written artefact and a restart resumes after the last committed cycle.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from dmsae_ray.config import ConfigError, RunConfig, save_config, validate
+from dmsae_ray.export import write_saelens
+from dmsae_ray.sae import MatryoshkaBatchTopKSAE
+
+
+def atomic_write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as fh:
+        json.dump(data, fh, indent=2)
+        fh.write("\n")
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(path.read_text())
+
+
+def new_state() -> dict:
+    return {
+        "status": "created",
+        "cycle": 0,  # the cycle being worked on (== number of committed cycles)
+        "stage": None,
+        "progress": {},
+        "norm_factor": None,
+        "d_in": None,
+        "cycles": [],  # one summary per committed cycle
+        "error": None,
+    }
+
+
+class RunDir:
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root).expanduser()
+
+    # paths
+    @property
+    def config_path(self) -> Path:
+        return self.root / "config.json"
+
+    @property
+    def state_path(self) -> Path:
+        return self.root / "state.json"
+
+    def cycle_dir(self, cycle: int) -> Path:
+        return self.root / "cycles" / f"{cycle:03d}"
+
+    @property
+    def core_dir(self) -> Path:
+        return self.root / "core"
+
+    @property
+    def activations_path(self) -> Path:
+        return self.root / "activations" / "train.safetensors"
+
+    # config and state
+    def init(self, cfg: RunConfig) -> RunConfig:
+        """Write the config on a new run; on an existing one the stored config wins, so a
+        resumed run cannot silently change its hyperparameters halfway."""
+        if self.config_path.is_file():
+            stored = validate(read_json(self.config_path))
+            if stored.model_dump() != cfg.model_dump():
+                diff = _diff(stored.model_dump(), cfg.model_dump())
+                raise ConfigError(
+                    f"{self.root} already holds a run with a different config ({diff}); "
+                    "use another run_dir or the same config to resume"
+                )
+            return stored
+        self.root.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, self.config_path)
+        return cfg
+
+    def load_state(self) -> dict:
+        return read_json(self.state_path) if self.state_path.is_file() else new_state()
+
+    def save_state(self, state: dict) -> None:
+        atomic_write_json(self.state_path, state)
+
+    # per-cycle artefacts
+    def save_cycle(
+        self,
+        cycle: int,
+        sae: MatryoshkaBatchTopKSAE,
+        cfg: RunConfig,
+        norm_factor: float,
+        core_in: list,
+        core_out: dict,
+        core_encoder: torch.Tensor,
+        metrics: dict,
+    ) -> None:
+        """Write the whole cycle into a temp dir and rename it into place (all or nothing)."""
+        final = self.cycle_dir(cycle)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{cycle:03d}."))
+        sae_dir = tmp / "sae"
+        write_saelens(sae_dir, sae, cfg, cycle, core_in, norm_factor)
+        # Our own full state (buffers, latent ids, normalised scale) for resume and transfer.
+        save_file(
+            {k: v.contiguous() for k, v in sae.state_dict().items()},
+            str(sae_dir / "dmsae_state.safetensors"),
+        )
+        atomic_write_json(sae_dir / "dmsae_hparams.json", sae.hparams())
+        atomic_write_json(sae_dir / "metrics.json", metrics)
+        atomic_write_json(tmp / "core.json", core_out)
+        save_file({"W_enc_core": core_encoder.contiguous()}, str(tmp / "core_encoder.safetensors"))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+
+    def load_sae(self, cycle: int) -> MatryoshkaBatchTopKSAE:
+        sae_dir = self.cycle_dir(cycle) / "sae"
+        hp = read_json(sae_dir / "dmsae_hparams.json")
+        return MatryoshkaBatchTopKSAE.from_state(
+            hp, load_file(str(sae_dir / "dmsae_state.safetensors"))
+        )
+
+    def load_core(self, cycle: int) -> dict:
+        return read_json(self.cycle_dir(cycle) / "core.json")
+
+    def load_core_encoder(self, cycle: int) -> torch.Tensor:
+        return load_file(str(self.cycle_dir(cycle) / "core_encoder.safetensors"))["W_enc_core"]
+
+    def save_distilled_core(self, core_vectors: torch.Tensor, summary: dict) -> None:
+        self.core_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.core_dir / ".encoder.safetensors.tmp"
+        save_file({"W_enc_core": core_vectors.contiguous()}, str(tmp))
+        os.replace(tmp, self.core_dir / "encoder.safetensors")
+        atomic_write_json(self.core_dir / "core.json", summary)
+
+    def load_distilled_core(self) -> tuple[torch.Tensor, dict]:
+        path = self.core_dir / "encoder.safetensors"
+        if not path.is_file():
+            raise FileNotFoundError(f"{self.root} has no distilled core yet ({path})")
+        return load_file(str(path))["W_enc_core"], read_json(self.core_dir / "core.json")
+
+
+def _diff(a: dict, b: dict, prefix: str = "") -> str:
+    for key in a:
+        if a[key] != b.get(key):
+            if isinstance(a[key], dict):
+                return _diff(a[key], b.get(key, {}), f"{prefix}{key}.")
+            return f"{prefix}{key}: stored {a[key]!r}, given {b.get(key)!r}"
+    return "?"

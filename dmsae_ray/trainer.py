@@ -1,0 +1,154 @@
+"""One cycle of SAE training in plain PyTorch (ALGORITHM.md section 7).
+
+Ray Train wraps this (``training.py``); nothing here knows about Ray, so the same step runs in a
+unit test, in the driver, and in every data-parallel worker.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+
+import torch
+from torch import Tensor
+
+from dmsae_ray.config import SAEConfig, TrainConfig
+from dmsae_ray.sae import MatryoshkaBatchTopKSAE
+
+
+def lr_lambda(total_steps: int, warmup: int, decay_start: float) -> Callable[[int], float]:
+    """Linear warm-up from 0, constant, then linear decay to 0 from ``decay_start`` of the run."""
+    decay_at = int(decay_start * total_steps)
+
+    def fn(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if step >= decay_at and total_steps > decay_at:
+            return max(0.0, (total_steps - step) / (total_steps - decay_at))
+        return 1.0
+
+    return fn
+
+
+def num_steps(train: TrainConfig) -> int:
+    return max(1, train.tokens_per_cycle // train.batch_size)
+
+
+class SAELoss(torch.nn.Module):
+    """The training loss as a module's forward, so DDP can wrap it."""
+
+    def __init__(self, sae: MatryoshkaBatchTopKSAE, sae_cfg: SAEConfig):
+        super().__init__()
+        self.sae, self.aux_alpha, self.dead_tokens = sae, sae_cfg.aux_alpha, sae_cfg.dead_tokens
+
+    def forward(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        return self.sae.loss(x, self.aux_alpha, self.dead_tokens)
+
+
+class SAETrainer:
+    """Adam on every parameter except the frozen core (a buffer), decoder kept unit-norm."""
+
+    def __init__(
+        self,
+        sae: MatryoshkaBatchTopKSAE,
+        sae_cfg: SAEConfig,
+        train: TrainConfig,
+        loss_module: torch.nn.Module | None = None,
+        init_b_dec: bool = True,
+    ):
+        self.sae, self.sae_cfg, self.train_cfg = sae, sae_cfg, train
+        # Under Ray Train this is the DDP-wrapped SAELoss: DDP all-reduces only the gradients
+        # of what runs through its own forward().
+        self.loss_module = loss_module or SAELoss(sae, sae_cfg)
+        # Data-parallel callers initialise b_dec once and broadcast it before wrapping in DDP.
+        self.init_b_dec = init_b_dec
+        self.total_steps = num_steps(train)
+        self.opt = torch.optim.Adam(sae.parameters(), lr=train.lr, betas=tuple(train.betas))
+        self.sched = torch.optim.lr_scheduler.LambdaLR(
+            self.opt, lr_lambda(self.total_steps, train.warmup_steps, train.decay_start)
+        )
+        self.step_count = 0
+
+    def step(self, x: Tensor) -> dict[str, Tensor]:
+        """One optimiser step on a batch of normalised activations."""
+        sae = self.sae
+        if self.step_count == 0 and self.init_b_dec:
+            sae.init_b_dec(x)
+        loss, metrics = self.loss_module(x)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        sae.remove_parallel_decoder_grad()
+        torch.nn.utils.clip_grad_norm_(sae.parameters(), self.train_cfg.grad_clip)
+        self.opt.step()
+        self.sched.step()
+        sae.normalize_decoder()
+        if self.step_count >= self.sae_cfg.threshold_start_step:
+            sae.update_threshold(metrics["min_selected"], self.sae_cfg.threshold_beta)
+        self.step_count += 1
+        metrics["lr"] = torch.tensor(self.sched.get_last_lr()[0])
+        return metrics
+
+    def state_dict(self) -> dict:
+        return {
+            "sae": self.sae.state_dict(),
+            "opt": self.opt.state_dict(),
+            "sched": self.sched.state_dict(),
+            "step": self.step_count,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sae.load_state_dict(state["sae"])
+        self.opt.load_state_dict(state["opt"])
+        self.sched.load_state_dict(state["sched"])
+        self.step_count = state["step"]
+
+
+def repeat_batches(batches: Callable[[], Iterable[Tensor]]) -> Iterator[Tensor]:
+    """Cycle over a finite activation source: a small corpus is read for several epochs."""
+    while True:
+        empty = True
+        for b in batches():
+            empty = False
+            yield b
+        if empty:
+            raise ValueError("the activation source yielded no batches")
+
+
+def train_cycle(
+    sae: MatryoshkaBatchTopKSAE,
+    batches: Iterator[Tensor],
+    sae_cfg: SAEConfig,
+    train: TrainConfig,
+    log: Callable[[str], None] | None = print,
+    label: str = "",
+) -> dict[str, float]:
+    """Train for ``train.tokens_per_cycle`` tokens; returns the final-window mean metrics."""
+    trainer = SAETrainer(sae, sae_cfg, train)
+    window: dict[str, list[float]] = {}
+    for step in range(trainer.total_steps):
+        x = next(batches)
+        m = trainer.step(x)
+        for key in ("loss", "mse", "nested_mse", "l0", "core_l0", "aux_loss", "dead"):
+            window.setdefault(key, []).append(float(m[key]))
+            window[key] = window[key][-train.log_every :]
+        if log and ((step + 1) % train.log_every == 0 or step + 1 == trainer.total_steps):
+            log(
+                f"{label}step {step + 1}/{trainer.total_steps} "
+                f"mse {window['mse'][-1]:.4f} nested {window['nested_mse'][-1]:.4f} "
+                f"L0 {window['l0'][-1]:.1f} (core {window['core_l0'][-1]:.1f}) "
+                f"dead {int(window['dead'][-1])}"
+            )
+    return {key: sum(v) / len(v) for key, v in window.items()} | {"steps": trainer.total_steps}
+
+
+@torch.no_grad()
+def estimate_norm_factor(batches: Iterable[Tensor], n_batches: int) -> float:
+    """sqrt(E||x||^2) over the first batches, so that E||x/norm||^2 = 1 (dictionary_learning)."""
+    total, count = 0.0, 0
+    for i, x in enumerate(batches):
+        if i >= n_batches:
+            break
+        total += float(x.pow(2).sum(-1).sum())
+        count += x.shape[0]
+    if count == 0:
+        raise ValueError("no activations to estimate the norm factor from")
+    return (total / count) ** 0.5

@@ -1,0 +1,138 @@
+import torch
+
+from dmsae_ray.config import SAEConfig, TrainConfig
+from dmsae_ray.core import build_sae
+from dmsae_ray.sae import MatryoshkaBatchTopKSAE, geometric_median, group_sizes
+from dmsae_ray.trainer import SAETrainer, lr_lambda
+
+FRACS = [1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2 + 1 / 32]
+
+
+def make(d=16, width=128, k=4, core=0, fracs=FRACS, budget="dynamic"):
+    torch.manual_seed(0)
+    return MatryoshkaBatchTopKSAE(d, width, k, core, group_fractions=fracs, l0_budget=budget)
+
+
+def test_group_sizes_match_the_reference_split():
+    assert group_sizes(65536, 0, FRACS) == [2048, 4096, 8192, 16384, 34816]
+    sizes = group_sizes(65536, 197, FRACS)
+    assert sum(sizes) == 65339 and sizes[0] == int(65339 / 32)
+    # absolute boundaries: the core eats into G_0 and the total width is unchanged
+    absolute = group_sizes(65536, 197, FRACS, mode="absolute")
+    assert absolute[0] == 2048 - 197 and 197 + sum(absolute) == 65536
+
+
+def test_no_core_single_group_is_plain_batchtopk():
+    sae = make(core=0, fracs=[1.0])
+    x = torch.randn(32, 16)
+    out = sae.encode_train(x)
+    post = torch.relu((x - sae.b_dec) @ sae.W_enc + sae.b_enc).flatten()
+    ref = torch.zeros_like(post)
+    vals, idx = post.topk(sae.k * 32)
+    ref[idx] = vals
+    torch.testing.assert_close(out.f.flatten(), ref)
+    recon = sae.nested_reconstructions(out.f)
+    assert len(recon) == 1
+    torch.testing.assert_close(recon[0], out.f @ sae.W_dec + sae.b_dec)
+
+
+def _train(sae, steps=30, d=16, seed=1, threshold_start=5):
+    cfg = SAEConfig(
+        width=sae.width, k=sae.k, threshold_start_step=threshold_start, dead_tokens=10_000
+    )
+    trainer = SAETrainer(
+        sae, cfg, TrainConfig(tokens_per_cycle=steps * 64, batch_size=64, lr=1e-2, warmup_steps=0)
+    )
+    gen = torch.Generator().manual_seed(seed)
+    mix = torch.randn(40, d, generator=gen)
+    metrics = []
+    for _ in range(steps):
+        codes = torch.relu(torch.randn(64, 40, generator=gen) - 1.0)
+        metrics.append(trainer.step(codes @ mix))
+    return metrics
+
+
+def test_core_encoder_is_frozen_and_transfers_bit_identical():
+    core = torch.randn(16, 5)
+    sae = make(core=5)
+    sae.set_core(core, torch.zeros(5, dtype=torch.long), torch.arange(5), tied=False)
+    before_dec = sae.W_dec.detach().clone()
+    _train(sae)
+    assert torch.equal(sae.W_enc_core, core)  # bit-identical after training
+    assert torch.equal(sae.W_enc[:, :5], core)
+    assert not torch.equal(sae.W_dec, before_dec)  # the rest does train
+    assert "W_enc_core" not in dict(sae.named_parameters())
+    # across cycles: the next SAE receives exactly these columns, in the given order
+    from dmsae_ray.config import RunConfig
+
+    cfg = RunConfig.model_validate({"sae": {"width": 128, "k": 4}})
+    order = [3, 0, 7, 1]
+    nxt = build_sae(
+        cfg, 16, cycle=2, core=sae.W_enc[:, order].detach(), core_ids=[(0, i) for i in order]
+    )
+    assert torch.equal(nxt.W_enc_core, sae.W_enc[:, order].detach())
+    assert torch.equal(nxt.W_enc_core[:, :2], core[:, [3, 0]])
+    assert nxt.origin_index[:4].tolist() == order and nxt.origin_cycle[4:].eq(2).all()
+
+
+def test_dynamic_budget_keeps_total_l0_at_k():
+    sae = make(core=6, k=4)
+    sae.set_core(torch.randn(16, 6), torch.zeros(6, dtype=torch.long), torch.arange(6), False)
+    x = torch.randn(64, 16)
+    out = sae.encode_train(x)
+    total_l0 = (out.f > 0).sum(-1).float().mean()
+    assert float(out.core_l0) > 0.5  # the core is active ...
+    assert abs(float(total_l0) - 4) < 1e-6  # ... and the non-core budget shrinks to match
+    fixed = make(core=6, k=4, budget="fixed")
+    fixed.set_core(sae.W_enc_core, torch.zeros(6, dtype=torch.long), torch.arange(6), False)
+    fixed.load_state_dict(sae.state_dict())
+    out_fixed = fixed.encode_train(x)
+    assert float((out_fixed.f > 0).sum(-1).float().mean()) > 4.5  # core L0 comes on top
+
+
+def test_training_keeps_l0_near_k_and_nested_mse_monotone():
+    sae = make(core=0, k=4)
+    metrics = _train(sae, steps=60)
+    last = metrics[-1]
+    assert abs(float(last["l0"]) - 4) < 0.5
+    levels = last["level_mse"]
+    assert torch.all(levels[1:] <= levels[:-1] + 1e-5), levels
+    assert float(last["mse"]) < float(metrics[0]["mse"])
+    norms = sae.W_dec.norm(dim=1)
+    torch.testing.assert_close(norms, torch.ones_like(norms))
+    assert float(sae.threshold) > 0  # the inference threshold was learned
+    x = torch.randn(8, 16)
+    inf = sae.encode(x)
+    assert torch.all((inf[:, sae.c :] == 0) | (inf[:, sae.c :] > sae.threshold))
+
+
+def test_parallel_decoder_gradient_is_removed():
+    sae = make()
+    sae.W_dec.grad = torch.randn_like(sae.W_dec)
+    sae.remove_parallel_decoder_grad()
+    dots = (sae.W_dec.grad * sae.W_dec).sum(-1)
+    assert dots.abs().max() < 1e-5
+
+
+def test_aux_loss_only_on_dead_non_core_latents():
+    sae = make(core=4)
+    x = torch.randn(16, 16)
+    enc = sae.encode_train(x)
+    x_hat = sae.decode(enc.f)
+    none_dead = torch.zeros(sae.width, dtype=torch.bool)
+    assert float(sae.aux_loss(x, x_hat, enc.post, none_dead)) == 0
+    sae.tokens_since_fired.fill_(10**9)
+    dead = sae.dead_mask(1000)
+    assert not dead[:4].any() and dead[4:].all()
+    assert float(sae.aux_loss(x, x_hat, enc.post, dead).detach()) > 0
+
+
+def test_geometric_median_resists_outliers():
+    x = torch.cat([torch.zeros(50, 3), torch.full((3, 3), 1000.0)])
+    assert geometric_median(x).norm() < 1.0 < x.mean(0).norm()
+
+
+def test_lr_schedule_warms_up_and_decays_to_zero():
+    fn = lr_lambda(100, 10, 0.8)
+    assert fn(0) == 0.1 and fn(9) == 1.0 and fn(50) == 1.0
+    assert fn(90) == 0.5 and fn(100) == 0.0

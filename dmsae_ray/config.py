@@ -103,6 +103,18 @@ class TrainConfig(_Strict):
     grad_clip: float = Field(1.0, gt=0)
     seed: int = 0
     log_every: int = Field(50, gt=0, description="steps between progress lines")
+    checkpoint_every: int = Field(
+        1000, gt=0, description="steps between checkpoints (a multiple of log_every)"
+    )
+
+
+    @model_validator(mode="after")
+    def _checkpoints(self) -> TrainConfig:
+        if self.checkpoint_every % self.log_every:
+            raise ValueError(
+                f"train.checkpoint_every must be a multiple of train.log_every={self.log_every}"
+            )
+        return self
 
 
 class AttributionConfig(_Strict):
@@ -124,12 +136,16 @@ class DistillConfig(_Strict):
 
 
 class RayConfig(_Strict):
+    enabled: bool = Field(True, description="false: every stage in this process, no Ray")
     address: str | None = Field(None, description="None: $RAY_ADDRESS or a local cluster")
     num_workers: int = Field(1, ge=0, description="Ray Train workers (0 = in the driver)")
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
     activation_actors: int = Field(1, ge=1)
     max_failures: int = Field(2, ge=0)
+    resource_wait_s: float = Field(
+        300, ge=0, description="time an autoscaling cluster gets to provide missing workers"
+    )
 
 
 class RunConfig(_Strict):
@@ -182,6 +198,7 @@ def embedded_default() -> RunConfig:
                 "lr": 1e-3,
                 "warmup_steps": 10,
                 "log_every": 32,
+                "checkpoint_every": 64,
             },
             "attribution": {"batch_size": 8},
             "distill": {"cycles": 3},

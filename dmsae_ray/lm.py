@@ -40,7 +40,7 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def num_layers_of(cfg: ModelConfig) -> int:
+def text_config_of(cfg: ModelConfig):
     """Read only the model's config: checks the layer index before any weights load."""
     from transformers import AutoConfig
 
@@ -52,8 +52,15 @@ def num_layers_of(cfg: ModelConfig) -> int:
             f"model.name: cannot load {cfg.name!r} (not a local model directory, and the hub "
             f"is unreachable or has no such model): {err}"
         ) from None
-    text_cfg = getattr(mcfg, "text_config", None) or mcfg
-    return int(text_cfg.num_hidden_layers)
+    return getattr(mcfg, "text_config", None) or mcfg
+
+
+def num_layers_of(cfg: ModelConfig) -> int:
+    return int(text_config_of(cfg).num_hidden_layers)
+
+
+def hidden_size_of(cfg: ModelConfig) -> int:
+    return int(text_config_of(cfg).hidden_size)
 
 
 def load_lm(cfg: ModelConfig, device: torch.device | None = None) -> nn.Module:

@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -77,13 +78,18 @@ class RunDir:
         resumed run cannot silently change its hyperparameters halfway."""
         if self.config_path.is_file():
             stored = validate(read_json(self.config_path))
-            if stored.model_dump() != cfg.model_dump():
-                diff = _diff(stored.model_dump(), cfg.model_dump())
+            # Where a run executes (the ray section) may change between resumes; what it
+            # computes may not.
+            a, b = _what(stored), _what(cfg)
+            if a != b:
+                diff = _diff(a, b)
                 raise ConfigError(
                     f"{self.root} already holds a run with a different config ({diff}); "
                     "use another run_dir or the same config to resume"
                 )
-            return stored
+            if stored.ray != cfg.ray:
+                save_config(cfg, self.config_path)
+            return cfg
         self.root.mkdir(parents=True, exist_ok=True)
         save_config(cfg, self.config_path)
         return cfg
@@ -152,6 +158,10 @@ class RunDir:
         return load_file(str(path))["W_enc_core"], read_json(self.core_dir / "core.json")
 
 
+def _what(cfg: RunConfig) -> dict:
+    return cfg.model_dump(exclude={"ray", "run_dir"})
+
+
 def _diff(a: dict, b: dict, prefix: str = "") -> str:
     for key in a:
         if a[key] != b.get(key):
@@ -159,3 +169,52 @@ def _diff(a: dict, b: dict, prefix: str = "") -> str:
                 return _diff(a[key], b.get(key, {}), f"{prefix}{key}.")
             return f"{prefix}{key}: stored {a[key]!r}, given {b.get(key)!r}"
     return "?"
+
+
+class RunState:
+    """The run's state, persisted on every change. The coordinator actor wraps one of these;
+    a run without Ray uses it directly."""
+
+    def __init__(self, rd: RunDir) -> None:
+        self.rd = rd
+        self.state = rd.load_state()
+
+    def _save(self) -> dict:
+        self.state["updated"] = time.time()
+        self.rd.save_state(self.state)
+        return self.state
+
+    def get(self) -> dict:
+        return self.state
+
+    def update(self, **fields: Any) -> dict:
+        self.state.update(fields)
+        return self._save()
+
+    def set_stage(self, stage: str | None, **progress: Any) -> dict:
+        self.state["stage"] = stage
+        self.state["progress"] = progress | {"stage_started": time.time()}
+        return self._save()
+
+    def set_progress(self, **progress: Any) -> dict:
+        """Merge progress; with tokens_done/tokens_total also a rate and an ETA."""
+        p = self.state["progress"] | progress
+        started = p.get("stage_started", time.time())
+        done, total = p.get("tokens_done"), p.get("tokens_total")
+        if done and total:
+            rate = done / max(time.time() - started, 1e-6)
+            p["tokens_per_s"] = rate
+            p["eta_s"] = max(total - done, 0) / rate
+        self.state["progress"] = p
+        return self._save()
+
+    def commit_cycle(self, summary: dict) -> dict:
+        """Idempotent: a cycle already committed (a retried call) is not appended twice."""
+        if summary["cycle"] < self.state["cycle"]:
+            return self.state
+        if summary["cycle"] != self.state["cycle"]:
+            raise ValueError(f"commit of cycle {summary['cycle']}, expected {self.state['cycle']}")
+        self.state["cycles"].append(summary)
+        self.state["cycle"] = summary["cycle"] + 1
+        self.state["stage"], self.state["progress"] = "committed", {}
+        return self._save()

@@ -113,6 +113,30 @@ def repeat_batches(batches: Callable[[], Iterable[Tensor]]) -> Iterator[Tensor]:
             raise ValueError("the activation source yielded no batches")
 
 
+class MetricWindow:
+    """Running window of the step metrics worth logging (floats: one host sync per step)."""
+
+    KEYS = ("loss", "mse", "nested_mse", "l0", "core_l0", "aux_loss", "dead")
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.values: dict[str, list[float]] = {k: [] for k in self.KEYS}
+
+    def add(self, metrics: dict[str, Tensor]) -> None:
+        for key in self.KEYS:
+            self.values[key] = [*self.values[key][-self.size + 1 :], float(metrics[key])]
+
+    def mean(self) -> dict[str, float]:
+        return {k: sum(v) / len(v) for k, v in self.values.items() if v}
+
+    def line(self, label: str, step: int, total: int) -> str:
+        v = {k: vals[-1] for k, vals in self.values.items()}
+        return (
+            f"{label}step {step}/{total} mse {v['mse']:.4f} nested {v['nested_mse']:.4f} "
+            f"L0 {v['l0']:.1f} (core {v['core_l0']:.1f}) dead {int(v['dead'])}"
+        )
+
+
 def train_cycle(
     sae: MatryoshkaBatchTopKSAE,
     batches: Iterator[Tensor],
@@ -120,24 +144,19 @@ def train_cycle(
     train: TrainConfig,
     log: Callable[[str], None] | None = print,
     label: str = "",
+    progress: Callable[[int], None] | None = None,
 ) -> dict[str, float]:
     """Train for ``train.tokens_per_cycle`` tokens; returns the final-window mean metrics."""
     trainer = SAETrainer(sae, sae_cfg, train)
-    window: dict[str, list[float]] = {}
-    for step in range(trainer.total_steps):
-        x = next(batches)
-        m = trainer.step(x)
-        for key in ("loss", "mse", "nested_mse", "l0", "core_l0", "aux_loss", "dead"):
-            window.setdefault(key, []).append(float(m[key]))
-            window[key] = window[key][-train.log_every :]
-        if log and ((step + 1) % train.log_every == 0 or step + 1 == trainer.total_steps):
-            log(
-                f"{label}step {step + 1}/{trainer.total_steps} "
-                f"mse {window['mse'][-1]:.4f} nested {window['nested_mse'][-1]:.4f} "
-                f"L0 {window['l0'][-1]:.1f} (core {window['core_l0'][-1]:.1f}) "
-                f"dead {int(window['dead'][-1])}"
-            )
-    return {key: sum(v) / len(v) for key, v in window.items()} | {"steps": trainer.total_steps}
+    window = MetricWindow(train.log_every)
+    for step in range(1, trainer.total_steps + 1):
+        window.add(trainer.step(next(batches)))
+        if step % train.log_every == 0 or step == trainer.total_steps:
+            if progress:
+                progress(step * train.batch_size)
+            if log:
+                log(window.line(label, step, trainer.total_steps))
+    return window.mean() | {"steps": trainer.total_steps}
 
 
 @torch.no_grad()

@@ -1,10 +1,23 @@
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
 import torch
+
+# Ray on a 2-core CI machine (../shared/RAY_NOTES.md): no token auth, no state-actor polling,
+# one footer reader; set before any Ray process starts so every child inherits them.
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_ACTOR_RECONCILIATION", "0")
+os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "1")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 
 sys.path.insert(0, str(Path(__file__).parent))
 from tiny import build_tiny_model, write_corpus  # noqa: E402
@@ -59,8 +72,67 @@ def tiny_config(tiny_dir: dict[str, Path], run_dir: Path, **sections) -> dict:
         },
         "attribution": {"batch_size": 4},
         "distill": {"cycles": 2},
+        "ray": {"enabled": False},
         "run_dir": str(run_dir),
     }
     for name, values in sections.items():
         cfg.setdefault(name, {}).update(values)
     return cfg
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def ray_head():
+    """One real local Ray cluster for the whole session (`ray start --head --block`), with the
+    job server, so tests can both ray.init() against it and submit jobs to it."""
+    import ray
+
+    port, dash = _free_port(), _free_port()
+    temp = "/tmp/rt_ci"  # AF_UNIX paths must stay short
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "ray.scripts.scripts",
+            "start",
+            "--head",
+            "--block",
+            f"--port={port}",
+            f"--dashboard-port={dash}",
+            "--dashboard-host=127.0.0.1",
+            "--include-dashboard=true",
+            "--num-cpus=4",
+            "--num-gpus=0",
+            f"--temp-dir={temp}",
+            f"--object-store-memory={400 * 2**20}",
+            "--disable-usage-stats",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    dashboard = f"http://127.0.0.1:{dash}"
+    deadline = time.time() + 120
+    while True:
+        try:
+            urllib.request.urlopen(f"{dashboard}/api/version", timeout=2)
+            break
+        except OSError:
+            if proc.poll() is not None or time.time() > deadline:
+                proc.kill()
+                raise RuntimeError("ray start --head did not come up") from None
+            time.sleep(1)
+    ray.init(address=f"127.0.0.1:{port}")
+    try:
+        yield {"address": f"127.0.0.1:{port}", "dashboard": dashboard}
+    finally:
+        ray.shutdown()
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()

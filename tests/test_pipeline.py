@@ -6,7 +6,7 @@ import pytest
 from conftest import tiny_config
 from safetensors.torch import load_file
 
-from dmsae_ray import pipeline
+from dmsae_ray import local_backend, pipeline
 from dmsae_ray.config import ConfigError, validate
 from dmsae_ray.rundir import RunDir
 
@@ -70,14 +70,14 @@ def test_resume_after_a_failure_keeps_committed_cycles(
 ):
     run_dir = tmp_path / "resumed"
     cfg = validate(tiny_config(tiny_dir, run_dir))
-    real = pipeline.evaluate_sae
+    real = local_backend.evaluate_sae
 
     def failing(model, sae, *a, **k):
         if sae.origin_cycle.max() >= 1:
             raise RuntimeError("injected failure in cycle 1")
         return real(model, sae, *a, **k)
 
-    monkeypatch.setattr(pipeline, "evaluate_sae", failing)
+    monkeypatch.setattr(local_backend, "evaluate_sae", failing)
     with pytest.raises(RuntimeError, match="injected"):
         pipeline.run(cfg, log=lambda s: None)
     state = RunDir(run_dir).load_state()
@@ -85,7 +85,7 @@ def test_resume_after_a_failure_keeps_committed_cycles(
     assert not (run_dir / "cycles" / "001").exists()  # nothing half-written
     first = (run_dir / "cycles/000/core.json").stat().st_mtime_ns
 
-    monkeypatch.setattr(pipeline, "evaluate_sae", real)
+    monkeypatch.setattr(local_backend, "evaluate_sae", real)
     lines = []
     state = pipeline.run(cfg, log=lines.append)
     assert state["status"] == "completed"

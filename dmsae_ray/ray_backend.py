@@ -1,0 +1,98 @@
+"""The stages of a cycle on Ray: Ray Data activations, Ray Train SAE training, a scoring actor
+pool for evaluation and attribution, and the coordinator actor owning the run's state."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import ray
+from torch import Tensor
+
+from dmsae_ray.activations import (
+    activation_dataset,
+    blocks_needed,
+    cached_dataset,
+    write_token_blocks,
+)
+from dmsae_ray.config import RunConfig
+from dmsae_ray.coordinator import CoordinatorState, coordinator_name, get_coordinator
+from dmsae_ray.core import LatentId
+from dmsae_ray.data import load_token_data
+from dmsae_ray.lm import hidden_size_of, load_tokenizer
+from dmsae_ray.ray_utils import check_resources, connect
+from dmsae_ray.rundir import RunDir
+from dmsae_ray.sae import MatryoshkaBatchTopKSAE
+from dmsae_ray.scoring import ScoringPool
+from dmsae_ray.trainer import estimate_norm_factor
+from dmsae_ray.training import train_sae
+
+
+class RayBackend:
+    def __init__(self, cfg: RunConfig, rd: RunDir, log: Callable[[str], None]) -> None:
+        self.cfg, self.rd, self.log = cfg, rd, log
+        connect(cfg.ray)
+        check_resources(cfg.ray)
+        # Reproducible runs: the same blocks in the same order every cycle and every rerun.
+        ray.data.DataContext.get_current().execution_options.preserve_order = True
+        # The driver needs only the tokenizer and the held-out blocks; the LM lives in actors.
+        self.data = load_token_data(cfg.data, load_tokenizer(cfg.model))
+        self.d_in = hidden_size_of(cfg.model)
+        self.coordinator = None
+        self.state: CoordinatorState | None = None
+        self._pool: tuple[int, ScoringPool] | None = None
+
+    def open_state(self) -> CoordinatorState:
+        self.coordinator = get_coordinator(self.rd.root)
+        self.state = CoordinatorState(self.coordinator)
+        return self.state
+
+    def _dataset(self) -> ray.data.Dataset:
+        tokens = self.rd.root / "tokens"
+        if not tokens.is_dir():
+            self.state.set_stage("tokenize")
+            write_token_blocks(self.data.train_blocks(), tokens, blocks_needed(self.cfg), self.log)
+        ds = activation_dataset(self.cfg, tokens, self.data.specials)
+        if self.cfg.data.cache_activations:
+            self.state.set_stage("activations")
+            ds = cached_dataset(ds, self.rd.root / "activations_parquet", self.log)
+        return ds
+
+    def norm_factor(self) -> float:
+        bs = self.cfg.train.batch_size
+        batches = (b["x"] for b in self._dataset().iter_torch_batches(batch_size=bs))
+        return estimate_norm_factor(batches, self.cfg.sae.norm_batches)
+
+    def train(
+        self, cycle: int, core: Tensor | None, core_ids: list[LatentId], norm_factor: float
+    ) -> tuple[MatryoshkaBatchTopKSAE, dict]:
+        ds = self._dataset()
+        self.state.set_stage("train", cycle=cycle, tokens_total=self.cfg.train.tokens_per_cycle)
+        return train_sae(
+            self.cfg, self.rd.root, cycle, core, core_ids, norm_factor, self.d_in, ds,
+            coordinator_name(self.rd.root),
+        )
+
+    def _scoring(self, sae: MatryoshkaBatchTopKSAE) -> ScoringPool:
+        if self._pool is None or self._pool[0] != id(sae):
+            self._close_pool()
+            self._pool = (id(sae), ScoringPool(self.cfg, self.data.specials, sae))
+        return self._pool[1]
+
+    def evaluate(self, sae: MatryoshkaBatchTopKSAE, norm_factor: float) -> dict:
+        return self._scoring(sae).evaluate(self.data.eval, norm_factor)
+
+    def attribute(self, sae: MatryoshkaBatchTopKSAE, norm_factor: float) -> Tensor:
+        pooled = self._scoring(sae).attribute(self.data.attribution, norm_factor)
+        self._close_pool()  # free the actors' LMs (and GPUs) before the next cycle trains
+        return pooled
+
+    def _close_pool(self) -> None:
+        if self._pool is not None:
+            self._pool[1].close()
+            self._pool = None
+
+    def close(self) -> None:
+        self._close_pool()
+        if self.coordinator is not None:
+            # Its state is on disk; a resumed run starts a fresh one from there.
+            ray.kill(self.coordinator)

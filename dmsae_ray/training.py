@@ -1,0 +1,174 @@
+"""Ray Train: the SAE trained data-parallel (DDP) over the streamed activations.
+
+The step itself is ``trainer.SAETrainer``; this module adds the worker loop (dataset shard,
+DDP, checkpoints every ``train.checkpoint_every`` steps, metrics via ``ray.train.report``) and
+the driver call. A worker failure restarts the group from the latest checkpoint
+(``FailureConfig``); a driver restart finds the same checkpoints under the run directory.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import ray
+import ray.train
+import ray.train.torch
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from dmsae_ray.config import RunConfig, validate
+from dmsae_ray.coordinator import NAMESPACE
+from dmsae_ray.core import build_sae
+from dmsae_ray.sae import MatryoshkaBatchTopKSAE
+from dmsae_ray.trainer import MetricWindow, SAELoss, SAETrainer, num_steps
+
+FAULT_ENV = "DMSAE_FAULT_INJECT_STEP"  # tests: fail once at this step, before any checkpoint
+
+
+def _batches(shard, batch_size: int, device: torch.device, seed: int) -> Iterator[Tensor]:
+    """Endless: a small corpus is read for several epochs, each reshuffled locally."""
+    for epoch in itertools.count():
+        n = 0
+        for batch in shard.iter_torch_batches(
+            batch_size=batch_size,
+            local_shuffle_buffer_size=4 * batch_size,
+            drop_last=True,
+            local_shuffle_seed=seed + 1000 * epoch,
+            dtypes=torch.float32,
+            device=device,
+        ):
+            n += 1
+            yield batch["x"]
+        if n == 0:
+            raise ValueError(f"the activation stream has fewer than {batch_size} rows")
+
+
+def train_loop_per_worker(config: dict) -> None:
+    cfg = validate(config["cfg"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(max(1, int(cfg.ray.cpus_per_worker)))
+    device = ray.train.torch.get_device()
+    core = None if config["core"] is None else torch.from_numpy(config["core"])
+    sae = build_sae(cfg, config["d_in"], config["cycle"], core, config["core_ids"]).to(device)
+    per_worker = max(1, cfg.train.batch_size // world)
+    seed = cfg.train.seed + config["cycle"] + 7919 * rank
+    batches = _batches(ray.train.get_dataset_shard("train"), per_worker, device, seed)
+    norm_factor = float(config["norm_factor"])
+    batches = (x / norm_factor for x in batches)
+
+    trainer = SAETrainer(sae, cfg.sae, cfg.train, init_b_dec=False)
+    ckpt = ray.train.get_checkpoint()
+    if ckpt:
+        with ckpt.as_directory() as d:
+            trainer.load_state_dict(torch.load(Path(d) / "trainer.pt", map_location=device))
+        print(f"[cycle {config['cycle']}] resuming from step {trainer.step_count}", flush=True)
+    else:
+        first = next(batches)
+        sae.init_b_dec(first)  # DDP's construction broadcasts rank 0's to every rank
+        batches = itertools.chain([first], batches)
+    trainer.loss_module = ray.train.torch.prepare_model(SAELoss(sae, cfg.sae))
+
+    coordinator = None
+    if rank == 0 and config.get("coordinator"):
+        coordinator = ray.get_actor(config["coordinator"], namespace=NAMESPACE)
+    fail_at = config.get("fail_at_step")
+    label = f"[cycle {config['cycle']}] "
+    total = trainer.total_steps
+    resumed_from = trainer.step_count
+    window = MetricWindow(cfg.train.log_every)
+    for step in range(trainer.step_count + 1, total + 1):
+        if fail_at is not None and ckpt is None and step == fail_at and rank == 0:
+            raise RuntimeError(f"injected worker failure at step {step} ({FAULT_ENV})")
+        window.add(trainer.step(next(batches)))
+        if step % cfg.train.log_every == 0 and step < total:
+            _report(trainer, window, rank, step % cfg.train.checkpoint_every == 0)
+            if rank == 0:
+                print(window.line(label, step, total), flush=True)
+                if coordinator:
+                    coordinator.set_progress.remote(tokens_done=step * cfg.train.batch_size)
+    _report(trainer, window, rank, checkpoint=True, final=True, resumed_from=resumed_from)
+
+
+def _report(
+    trainer: SAETrainer,
+    window: MetricWindow,
+    rank: int,
+    checkpoint: bool,
+    final: bool = False,
+    resumed_from: int = 0,
+) -> None:
+    """Every rank reports (it is a barrier); rank 0 attaches the checkpoint."""
+    metrics = window.mean() | {
+        "step": trainer.step_count,
+        "final": final,
+        "resumed_from": resumed_from,
+    }
+    if rank != 0 or not checkpoint:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as d:
+        torch.save(trainer.state_dict(), Path(d) / "trainer.pt")
+        if final:
+            sae = trainer.sae
+            state = {k: v.detach().cpu().contiguous() for k, v in sae.state_dict().items()}
+            save_file(state, str(Path(d) / "sae.safetensors"))
+            (Path(d) / "sae.json").write_text(json.dumps(sae.hparams()))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+
+def train_sae(
+    cfg: RunConfig,
+    run_root: Path,
+    cycle: int,
+    core: Tensor | None,
+    core_ids: list,
+    norm_factor: float,
+    d_in: int,
+    dataset: ray.data.Dataset,
+    coordinator: str | None,
+) -> tuple[MatryoshkaBatchTopKSAE, dict]:
+    from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    r = cfg.ray
+    fail_at = os.environ.get(FAULT_ENV)
+    resources = {"CPU": r.cpus_per_worker} | ({"GPU": 1} if r.use_gpu else {})
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "cfg": cfg.model_dump(mode="json"),
+            "cycle": cycle,
+            "core": None if core is None else core.numpy().astype(np.float32),
+            "core_ids": [list(i) for i in core_ids],
+            "norm_factor": norm_factor,
+            "d_in": d_in,
+            "coordinator": coordinator,
+            "fail_at_step": int(fail_at) if fail_at else None,
+        },
+        scaling_config=ScalingConfig(
+            num_workers=r.num_workers, use_gpu=r.use_gpu, resources_per_worker=resources
+        ),
+        run_config=ray.train.RunConfig(
+            name=f"cycle-{cycle:03d}",  # stable: a rerun resumes from this cycle's checkpoints
+            storage_path=str(run_root.resolve() / "ray_train"),
+            failure_config=FailureConfig(max_failures=r.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+        torch_config=TorchConfig(backend="nccl" if r.use_gpu else "gloo", timeout_s=600),
+        datasets={"train": dataset},
+    )
+    result = trainer.fit()
+    with result.checkpoint.as_directory() as d:
+        hp = json.loads((Path(d) / "sae.json").read_text())
+        sae = MatryoshkaBatchTopKSAE.from_state(hp, load_file(str(Path(d) / "sae.safetensors")))
+    metrics = {k: v for k, v in result.metrics.items() if isinstance(v, int | float)}
+    metrics["steps"] = num_steps(cfg.train)
+    return sae.eval(), metrics

@@ -25,6 +25,10 @@ class ConfigError(ValueError):
     """A config that cannot run; the message names the field and what is allowed."""
 
 
+class MissingInputError(FileNotFoundError, ConfigError):
+    """A model or dataset the config names cannot be found (a bad input, not a crash)."""
+
+
 class _Strict(BaseModel):
     # A typo in a key must fail loudly instead of silently running the default.
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -103,6 +107,9 @@ class TrainConfig(_Strict):
     grad_clip: float = Field(1.0, gt=0)
     seed: int = 0
     log_every: int = Field(50, gt=0, description="steps between progress lines")
+    epoch_cache_mb: int = Field(
+        1024, ge=0, description="a worker keeps its activations in memory when they fit"
+    )
     checkpoint_every: int = Field(
         1000, gt=0, description="steps between checkpoints (a multiple of log_every)"
     )

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from dmsae_ray.config import EMBEDDED_CORPUS, ConfigError, DataConfig
+from dmsae_ray.config import EMBEDDED_CORPUS, ConfigError, DataConfig, MissingInputError
 
 TEXT_SUFFIXES = (".txt", ".jsonl", ".parquet")
 
@@ -27,7 +27,7 @@ def _local_files(path: Path) -> list[Path]:
         return [path]
     files = sorted(p for p in path.rglob("*") if p.suffix in TEXT_SUFFIXES)
     if not files:
-        raise FileNotFoundError(f"data.dataset: no {'/'.join(TEXT_SUFFIXES)} files in {path}")
+        raise MissingInputError(f"data.dataset: no {'/'.join(TEXT_SUFFIXES)} files in {path}")
     return files
 
 
@@ -72,13 +72,13 @@ def iter_texts(cfg: DataConfig) -> Iterator[str]:
             yield from _texts_of_file(f, cfg.text_field)
         return
     if source.startswith((".", "/", "~")) or Path(source).suffix in TEXT_SUFFIXES:
-        raise FileNotFoundError(f"data.dataset: no such file or directory: {source}")
+        raise MissingInputError(f"data.dataset: no such file or directory: {source}")
     import datasets
 
     try:
         ds = datasets.load_dataset(source, split=cfg.split, streaming=True)
     except Exception as err:  # the hub raises many types; all mean "cannot read it"
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"data.dataset: cannot open {source!r} (split {cfg.split!r}) as a local path or a "
             f"Hugging Face dataset: {err}"
         ) from None

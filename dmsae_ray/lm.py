@@ -14,7 +14,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
-from dmsae_ray.config import EMBEDDED_MODEL, ModelConfig
+from dmsae_ray.config import EMBEDDED_MODEL, MissingInputError, ModelConfig
 
 
 class StopForward(Exception):
@@ -48,7 +48,7 @@ def text_config_of(cfg: ModelConfig):
     try:
         mcfg = AutoConfig.from_pretrained(path, revision=cfg.revision)
     except OSError as err:
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"model.name: cannot load {cfg.name!r} (not a local model directory, and the hub "
             f"is unreachable or has no such model): {err}"
         ) from None
@@ -73,7 +73,7 @@ def load_lm(cfg: ModelConfig, device: torch.device | None = None) -> nn.Module:
     try:
         model = AutoModelForCausalLM.from_pretrained(resolve_model_path(cfg.name), **kwargs)
     except OSError as err:
-        raise FileNotFoundError(f"model.name: cannot load {cfg.name!r}: {err}") from None
+        raise MissingInputError(f"model.name: cannot load {cfg.name!r}: {err}") from None
     model.to(device).eval()
     for p in model.parameters():
         p.requires_grad_(False)

@@ -3,6 +3,7 @@ pool for evaluation and attribution, and the coordinator actor owning the run's 
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 
 import ray
@@ -32,8 +33,11 @@ class RayBackend:
         self.cfg, self.rd, self.log = cfg, rd, log
         connect(cfg.ray)
         check_resources(cfg.ray)
+        ctx = ray.data.DataContext.get_current()
         # Reproducible runs: the same blocks in the same order every cycle and every rerun.
-        ray.data.DataContext.get_current().execution_options.preserve_order = True
+        ctx.execution_options.preserve_order = True
+        # Bars redrawn into a log file (ray job logs, CI) are thousands of lines of noise.
+        ctx.enable_progress_bars = sys.stdout.isatty()
         # The driver needs only the tokenizer and the held-out blocks; the LM lives in actors.
         self.data = load_token_data(cfg.data, load_tokenizer(cfg.model))
         self.d_in = hidden_size_of(cfg.model)

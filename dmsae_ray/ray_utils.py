@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import os
+import signal
+import threading
 import time
 
 import ray
@@ -14,17 +16,24 @@ from dmsae_ray.config import ConfigError, RayConfig
 def connect(cfg: RayConfig) -> None:
     if ray.is_initialized():
         return
+    # ray.init installs its own SIGTERM handler; keep ours so `ray job stop` ends the run as
+    # "stopped" (the CLI turns SIGTERM into KeyboardInterrupt).
+    handler = signal.getsignal(signal.SIGTERM)
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=True)
-        return
-    # Logical CPUs above the physical count: trainer workers, activation actors and Data
-    # tasks each claim one, and on 2 cores an exact count deadlocks (RAY_NOTES pitfall 1).
-    ray.init(
-        num_cpus=max(4, os.cpu_count() or 1),
-        include_dashboard=False,
-        _temp_dir=os.environ.get("DMSAE_RAY_TMP", "/tmp/dmsae_ray"),
-    )
+    else:
+        # Without a dashboard Train V2 polls a state API that is not there (RAY_NOTES 3).
+        os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_ACTOR_RECONCILIATION", "0")
+        # Logical CPUs above the physical count: trainer workers, activation actors and Data
+        # tasks each claim one, and on 2 cores an exact count deadlocks (RAY_NOTES pitfall 1).
+        ray.init(
+            num_cpus=max(4, os.cpu_count() or 1),
+            include_dashboard=False,
+            _temp_dir=os.environ.get("DMSAE_RAY_TMP", "/tmp/dmsae_ray"),
+        )
+    if callable(handler) and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, handler)
 
 
 def _shortfall(cfg: RayConfig) -> str | None:

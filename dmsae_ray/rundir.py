@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from dmsae_ray.config import ConfigError, RunConfig, save_config, validate
+from dmsae_ray.config import ConfigError, MissingInputError, RunConfig, save_config, validate
 from dmsae_ray.export import write_saelens
 from dmsae_ray.sae import MatryoshkaBatchTopKSAE
 
@@ -154,7 +154,7 @@ class RunDir:
     def load_distilled_core(self) -> tuple[torch.Tensor, dict]:
         path = self.core_dir / "encoder.safetensors"
         if not path.is_file():
-            raise FileNotFoundError(f"{self.root} has no distilled core yet ({path})")
+            raise MissingInputError(f"{self.root} has no distilled core yet ({path})")
         return load_file(str(path))["W_enc_core"], read_json(self.core_dir / "core.json")
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,15 +28,44 @@ from dmsae_ray.config import RunConfig, validate
 from dmsae_ray.coordinator import NAMESPACE
 from dmsae_ray.core import build_sae
 from dmsae_ray.sae import MatryoshkaBatchTopKSAE
-from dmsae_ray.trainer import MetricWindow, SAELoss, SAETrainer, num_steps
+from dmsae_ray.trainer import MetricWindow, SAELoss, SAETrainer
 
 FAULT_ENV = "DMSAE_FAULT_INJECT_STEP"  # tests: fail once at this step, before any checkpoint
 
 
-def _batches(shard, batch_size: int, device: torch.device, seed: int) -> Iterator[Tensor]:
-    """Endless: a small corpus is read for several epochs, each reshuffled locally."""
-    for epoch in itertools.count():
-        n = 0
+def _batches(
+    shard, batch_size: int, device: torch.device, seed: int, cache_bytes: int
+) -> Iterator[Tensor]:
+    """Endless batches: a corpus smaller than the tokens of a cycle is read for several epochs.
+
+    The first epoch streams from Ray Data; when this worker's share fits in ``cache_bytes`` it is
+    kept and later epochs are reshuffled in memory instead of re-running the data pipeline.
+    """
+    kept: list[Tensor] | None = []
+    size = 0
+    for batch in shard.iter_torch_batches(
+        batch_size=batch_size,
+        local_shuffle_buffer_size=4 * batch_size,
+        drop_last=True,
+        local_shuffle_seed=seed,
+        dtypes=torch.float32,
+        device=device,
+    ):
+        x = batch["x"]
+        if kept is not None:
+            size += x.numel() * x.element_size()
+            kept = kept + [x] if size <= cache_bytes else None
+        yield x
+    if kept == []:
+        raise ValueError(f"the activation stream has fewer than {batch_size} rows")
+    if kept is not None:
+        rows = torch.cat(kept)
+        gen = torch.Generator().manual_seed(seed)
+        while True:
+            perm = torch.randperm(len(rows), generator=gen).to(device)
+            for i in range(len(rows) // batch_size):
+                yield rows[perm[i * batch_size : (i + 1) * batch_size]]
+    for epoch in itertools.count(1):
         for batch in shard.iter_torch_batches(
             batch_size=batch_size,
             local_shuffle_buffer_size=4 * batch_size,
@@ -44,10 +74,7 @@ def _batches(shard, batch_size: int, device: torch.device, seed: int) -> Iterato
             dtypes=torch.float32,
             device=device,
         ):
-            n += 1
             yield batch["x"]
-        if n == 0:
-            raise ValueError(f"the activation stream has fewer than {batch_size} rows")
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -60,7 +87,8 @@ def train_loop_per_worker(config: dict) -> None:
     sae = build_sae(cfg, config["d_in"], config["cycle"], core, config["core_ids"]).to(device)
     per_worker = max(1, cfg.train.batch_size // world)
     seed = cfg.train.seed + config["cycle"] + 7919 * rank
-    batches = _batches(ray.train.get_dataset_shard("train"), per_worker, device, seed)
+    shard = ray.train.get_dataset_shard("train")
+    batches = _batches(shard, per_worker, device, seed, cfg.train.epoch_cache_mb * 2**20)
     norm_factor = float(config["norm_factor"])
     batches = (x / norm_factor for x in batches)
 
@@ -94,6 +122,9 @@ def train_loop_per_worker(config: dict) -> None:
                 print(window.line(label, step, total), flush=True)
                 if coordinator:
                     coordinator.set_progress.remote(tokens_done=step * cfg.train.batch_size)
+    metrics = window.mean() | {"steps": total, "resumed_from": resumed_from}
+    if rank == 0:
+        save_final(sae, Path(config["final_dir"]), metrics)
     _report(trainer, window, rank, checkpoint=True, final=True, resumed_from=resumed_from)
 
 
@@ -116,12 +147,26 @@ def _report(
         return
     with tempfile.TemporaryDirectory() as d:
         torch.save(trainer.state_dict(), Path(d) / "trainer.pt")
-        if final:
-            sae = trainer.sae
-            state = {k: v.detach().cpu().contiguous() for k, v in sae.state_dict().items()}
-            save_file(state, str(Path(d) / "sae.safetensors"))
-            (Path(d) / "sae.json").write_text(json.dumps(sae.hparams()))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+
+def save_final(sae: MatryoshkaBatchTopKSAE, out: Path, metrics: dict) -> None:
+    """The trained SAE, written where the driver reads it (shared storage on a cluster)."""
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in sae.state_dict().items()}
+    save_file(state, str(tmp / "sae.safetensors"))
+    (tmp / "sae.json").write_text(json.dumps(sae.hparams()))
+    (tmp / "metrics.json").write_text(json.dumps(metrics))
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+
+
+def load_final(out: Path) -> tuple[MatryoshkaBatchTopKSAE, dict]:
+    hp = json.loads((out / "sae.json").read_text())
+    sae = MatryoshkaBatchTopKSAE.from_state(hp, load_file(str(out / "sae.safetensors")))
+    return sae, json.loads((out / "metrics.json").read_text())
 
 
 def train_sae(
@@ -140,6 +185,8 @@ def train_sae(
 
     r = cfg.ray
     fail_at = os.environ.get(FAULT_ENV)
+    storage = run_root.resolve() / "ray_train"
+    final_dir = storage / f"cycle-{cycle:03d}" / "final"
     resources = {"CPU": r.cpus_per_worker} | ({"GPU": 1} if r.use_gpu else {})
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -152,23 +199,20 @@ def train_sae(
             "d_in": d_in,
             "coordinator": coordinator,
             "fail_at_step": int(fail_at) if fail_at else None,
+            "final_dir": str(final_dir),
         },
         scaling_config=ScalingConfig(
             num_workers=r.num_workers, use_gpu=r.use_gpu, resources_per_worker=resources
         ),
         run_config=ray.train.RunConfig(
             name=f"cycle-{cycle:03d}",  # stable: a rerun resumes from this cycle's checkpoints
-            storage_path=str(run_root.resolve() / "ray_train"),
+            storage_path=str(storage),
             failure_config=FailureConfig(max_failures=r.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
         torch_config=TorchConfig(backend="nccl" if r.use_gpu else "gloo", timeout_s=600),
         datasets={"train": dataset},
     )
-    result = trainer.fit()
-    with result.checkpoint.as_directory() as d:
-        hp = json.loads((Path(d) / "sae.json").read_text())
-        sae = MatryoshkaBatchTopKSAE.from_state(hp, load_file(str(Path(d) / "sae.safetensors")))
-    metrics = {k: v for k, v in result.metrics.items() if isinstance(v, int | float)}
-    metrics["steps"] = num_steps(cfg.train)
+    trainer.fit()
+    sae, metrics = load_final(final_dir)
     return sae.eval(), metrics

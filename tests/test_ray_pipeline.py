@@ -47,7 +47,7 @@ def test_end_to_end_on_ray(ray_run):
     for c in range(2):
         assert (rd.cycle_dir(c) / "sae" / "sae_weights.safetensors").is_file()
         summary = state["cycles"][c]
-        assert summary["train"]["step"] == 16 and summary["train"]["l0"] == pytest.approx(8, 0.1)
+        assert summary["train"]["steps"] == 16 and summary["train"]["l0"] == pytest.approx(8, 0.1)
         assert 0 < summary["eval"]["explained_variance"] <= 1
     # Ray Train wrote checkpoints for every cycle under the run directory
     assert all((run_dir / "ray_train" / f"cycle-{c:03d}").is_dir() for c in range(2))
@@ -122,7 +122,7 @@ def test_worker_failure_recovers_from_checkpoint(ray_head, tiny_dir, tmp_path, m
     state = pipeline.run(validate(cfg), log=lambda s: None)
     assert state["status"] == "completed"
     assert state["cycles"][0]["train"]["resumed_from"] == 8
-    assert state["cycles"][0]["train"]["step"] == 16
+    assert state["cycles"][0]["train"]["steps"] == 16
 
 
 def test_ray_job_submit_runs_dmsae(ray_head, tiny_dir, tmp_path):

@@ -1,0 +1,579 @@
+"""The REST service: submit distillations as Ray jobs, follow them, fetch their artefacts.
+
+``create_app(Settings(...))`` builds the FastAPI application; ``dmsae serve`` runs it under
+uvicorn (``api/server.py``). Every Ray interaction and every read of a run directory goes
+through ``dmsae_ray.service``; the service's own record of runs is SQLite (``api/store.py``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import secrets
+import shutil
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException, Query, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
+
+from api.models import (
+    ArtifactList,
+    CycleDetail,
+    Distillation,
+    DistillationPage,
+    Health,
+    Ready,
+    Status,
+)
+from api.security import BearerAuth, BodyLimitMiddleware
+from api.store import RunRecord, RunStore
+from dmsae_ray import service, tuning
+from dmsae_ray.config import RunConfig
+
+RUN_ID = re.compile(r"^[0-9a-f]{12}$")
+
+
+@dataclass
+class Settings:
+    runs_root: Path
+    # The Ray dashboard, e.g. http://127.0.0.1:8265. None: $RAY_API_SERVER_ADDRESS or
+    # $RAY_ADDRESS, else a local cluster (JobSubmissionClient's rules; $RAY_API_SERVER_ADDRESS
+    # and $RAY_ADDRESS override this too, which is why `dmsae serve` sets the first).
+    ray_address: str | None = None
+    token: str | None = None
+    db_path: Path | None = None  # default: <runs_root>.sqlite3, next to the runs root
+    max_active_runs: int = 4
+    max_body_bytes: int = 1 << 20
+    command: str = "dmsae"  # the entrypoint executable, on the PATH of whoever started Ray
+    poll_interval: float = 0.5  # seconds between state reads of an event stream
+    keepalive: float = 15.0  # seconds between SSE comments when nothing changes
+    job_env: dict[str, str] = field(default_factory=lambda: dict(service.STOP_ENV))
+
+    def __post_init__(self) -> None:
+        self.runs_root = Path(self.runs_root).expanduser().resolve()
+        if self.db_path is None:
+            self.db_path = self.runs_root.with_name(self.runs_root.name + ".sqlite3")
+
+
+def _error(code: int, detail: Any, headers: dict[str, str] | None = None) -> HTTPException:
+    return HTTPException(code, detail, headers=headers)
+
+
+def _invalid(loc: list[str], msg: str) -> RequestValidationError:
+    return RequestValidationError([{"type": "value_error", "loc": ["body", *loc], "msg": msg}])
+
+
+class Runs:
+    """What the endpoints do, on top of the store (records) and Ray (jobs)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        settings.runs_root.mkdir(parents=True, exist_ok=True)
+        assert settings.db_path is not None
+        self.store = RunStore(settings.db_path)
+        self.jobs = service.RayJobs(
+            settings.ray_address, command=settings.command, env_vars=settings.job_env
+        )
+        self._submit = threading.Lock()  # serialises the cap check, idempotency and submission
+
+    # ------------------------------------------------------------------ reading
+    def record(self, run_id: str) -> RunRecord:
+        rec = self.store.get(run_id) if RUN_ID.match(run_id) else None
+        if rec is None:
+            raise _error(404, f"no distillation {run_id!r}")
+        return rec
+
+    def view(
+        self, rec: RunRecord, jobs: dict[str, service.JobInfo] | None = None,
+        ray_down: bool = False, detail: bool = True,
+    ) -> dict:
+        """The run as the API shows it: record + state.json + Ray job, status combined.
+        ``jobs``: every job of the cluster, when the caller fetched them in one call."""
+        state = service.read_state(rec.run_dir) or {}
+        job, reachable = None, not ray_down
+        if rec.status_final:  # finished: Ray cannot change it, ask only for the job details
+            status, error = rec.status, rec.error
+            if detail and reachable and rec.ray_job_id:
+                try:
+                    job = self.jobs.info(rec.ray_job_id)
+                except service.ServiceError:
+                    reachable = False
+        else:
+            if reachable and rec.ray_job_id:
+                try:
+                    job = jobs.get(rec.ray_job_id) if jobs is not None else None
+                    if job is None:
+                        job = self.jobs.info(rec.ray_job_id)
+                except service.ServiceError:
+                    reachable = False
+            status, error = service.run_status(
+                state,
+                job,
+                ray_reachable=reachable,
+                stop_requested=rec.stop_requested is not None,
+                state_time=service.state_mtime(rec.run_dir),
+            )
+            final = status in service.TERMINAL and reachable
+            if (status, final, error) != (rec.status, rec.status_final, rec.error):
+                self.store.set_status(rec.id, status, final, error)
+        cycles = state.get("cycles", [])
+        cfg = rec.config
+        return {
+            "id": rec.id,
+            "status": status,
+            "error": error,
+            "cycle": state.get("cycle", 0),
+            "cycles_total": cfg.get("distill", {}).get("cycles", 0) + 1,
+            "stage": state.get("stage"),
+            "core_size": cycles[-1].get("core_size") if cycles else None,
+            "ray_job_id": rec.ray_job_id,
+            "submitter": rec.submitter,
+            "created_at": rec.created_at,
+            "updated_at": rec.updated_at,
+            "progress": state.get("progress") or {},
+            "cycles": cycles,
+            "ray_job": job.as_dict() if job else None,
+            "ray_reachable": reachable,
+            "job_ids": rec.job_ids,
+            "idempotency_key": rec.idempotency_key,
+            "config": cfg,
+        }
+
+    def snapshot(self, run_id: str) -> dict | None:
+        rec = self.store.get(run_id)
+        return None if rec is None else self.view(rec)
+
+    def _views(self, records: list[RunRecord]) -> list[dict]:
+        jobs, down = None, False
+        if any(not r.status_final for r in records):
+            try:
+                jobs = self.jobs.all()  # one call for all of them
+            except service.ServiceError:
+                down = True
+        return [self.view(r, jobs, ray_down=down, detail=False) for r in records]
+
+    def list(self, status: str | None, limit: int, offset: int) -> dict:
+        views = self._views(self.store.all())
+        if status:
+            views = [v for v in views if v["status"] == status]
+        page = views[offset : offset + limit]
+        nxt = offset + limit if offset + limit < len(views) else None
+        return {"items": page, "total": len(views), "limit": limit, "offset": offset,
+                "next_offset": nxt}
+
+    def active_count(self) -> int:
+        views = self._views([r for r in self.store.all() if not r.status_final])
+        return sum(v["status"] in service.ACTIVE for v in views)
+
+    def _check_capacity(self) -> None:
+        cap = self.settings.max_active_runs
+        if self.active_count() >= cap:
+            raise _error(
+                429, f"{cap} runs are already active; retry when one finishes",
+                {"Retry-After": "30"},
+            )
+
+    # ------------------------------------------------------------------ writing
+    def _resolve_init_core(self, cfg: RunConfig) -> RunConfig:
+        """distill.init_core may only name a completed run of this service (by id or by its
+        run directory): the server does not read arbitrary directories for a client."""
+        ref = cfg.distill.init_core
+        if ref is None:
+            return cfg
+        run_id = Path(ref).name if "/" in ref else ref
+        rec = self.store.get(run_id) if RUN_ID.match(run_id) else None
+        if rec is None or ("/" in ref and Path(ref).resolve() != Path(rec.run_dir)):
+            raise _invalid(["distill", "init_core"], "must be the id of a run of this service")
+        if not (Path(rec.run_dir) / "core" / "encoder.safetensors").is_file():
+            raise _invalid(["distill", "init_core"], f"run {run_id} has no distilled core yet")
+        data = cfg.model_dump(mode="json")
+        data["distill"]["init_core"] = rec.run_dir
+        return RunConfig.model_validate(data)
+
+    def create(
+        self, cfg: RunConfig, key: str | None, submitter: str | None
+    ) -> tuple[RunRecord, bool]:
+        if "run_dir" in cfg.model_fields_set:
+            raise _invalid(["run_dir"], "run_dir is chosen by the server; leave it out")
+        cfg = self._resolve_init_core(cfg)
+        digest = service.config_digest(cfg)
+        with self._submit:
+            if key is not None:
+                old = self.store.by_idempotency_key(key)
+                if old is not None:
+                    if old.config_digest != digest:
+                        raise _error(
+                            422, "Idempotency-Key already used for a different config"
+                        )
+                    return old, False
+            self._check_capacity()
+            run_id = secrets.token_hex(6)
+            while self.store.get(run_id) is not None:  # pragma: no cover
+                run_id = secrets.token_hex(6)
+            run_dir = self.settings.runs_root / run_id
+            job_id = f"dmsae-{run_id}-1"
+            cfg = RunConfig.model_validate(cfg.model_dump(mode="json") | {"run_dir": str(run_dir)})
+            rec = self.store.insert(
+                run_id, cfg.model_dump(mode="json"), digest, str(run_dir), job_id,
+                submitter, key, service.PENDING,
+            )
+            try:
+                service.submit_run(self.jobs, cfg, run_dir, job_id, self._metadata(rec, 1))
+            except service.ServiceError as err:
+                self.store.delete(run_id)
+                shutil.rmtree(run_dir, ignore_errors=True)
+                raise _error(503, str(err)) from None
+            return rec, True
+
+    @staticmethod
+    def _metadata(rec: RunRecord, attempt: int) -> dict[str, str]:
+        return {
+            "dmsae_run_id": rec.id,
+            "attempt": str(attempt),
+            "submitter": rec.submitter or "",
+        }
+
+    def stop(self, rec: RunRecord) -> tuple[dict, int]:
+        view = self.view(rec)
+        if view["status"] == service.STOPPED:
+            return view, 200
+        if view["status"] in service.TERMINAL:
+            raise _error(409, f"run {rec.id} is {view['status']}; nothing to stop")
+        if not view["ray_reachable"]:
+            raise _error(503, "Ray is unreachable; cannot stop the job")
+        self.store.request_stop(rec.id)
+        try:
+            self.jobs.stop(rec.ray_job_id or "")
+        except service.ServiceError as err:
+            raise _error(503, str(err)) from None
+        return self.view(self.record(rec.id)), 202
+
+    def resume(self, rec: RunRecord) -> dict:
+        with self._submit:
+            rec = self.record(rec.id)
+            view = self.view(rec)
+            if view["status"] not in (service.STOPPED, service.FAILED):
+                raise _error(
+                    409, f"run {rec.id} is {view['status']}; only stopped or failed runs resume"
+                )
+            self._check_capacity()
+            attempt = len(rec.job_ids) + 1
+            job_id = f"dmsae-{rec.id}-{attempt}"
+            cfg = RunConfig.model_validate(rec.config)
+            try:
+                service.submit_run(
+                    self.jobs, cfg, rec.run_dir, job_id, self._metadata(rec, attempt)
+                )
+            except service.ServiceError as err:
+                raise _error(503, str(err)) from None
+            self.store.new_job(rec.id, job_id, service.PENDING)
+        return self.view(self.record(rec.id))
+
+    def delete(self, rec: RunRecord) -> None:
+        view = self.view(rec)
+        if view["status"] not in service.TERMINAL:
+            raise _error(409, f"run {rec.id} is {view['status']}; stop it before deleting it")
+        for job_id in rec.job_ids:
+            try:
+                self.jobs.delete(job_id)
+            except service.ServiceError:
+                break  # Ray down: the jobs stay in its history, the run goes anyway
+        shutil.rmtree(rec.run_dir, ignore_errors=True)
+        self.store.delete(rec.id)
+
+
+def _validation_handler(request: Request, exc: RequestValidationError) -> JSONResponse:
+    errors = jsonable_encoder(exc.errors())
+    for e in errors:
+        loc = [str(p) for p in e.get("loc", [])]
+        e["field"] = ".".join(loc[1:] if loc and loc[0] == "body" else loc) or "body"
+        e.pop("input", None)
+        e.pop("url", None)
+    return JSONResponse(status_code=422, content={"detail": errors})
+
+
+def create_app(settings: Settings) -> FastAPI:
+    runs = Runs(settings)
+    auth = BearerAuth(settings.token)
+    app = FastAPI(
+        title="dmsae-ray",
+        version="1",
+        description=(
+            "Distilled Matryoshka SAE runs as Ray jobs. Every /v1 endpoint needs "
+            "`Authorization: Bearer <token>` when the server has a token."
+        ),
+    )
+    app.state.runs = runs
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_exception_handler(RequestValidationError, _validation_handler)
+    from fastapi.security import HTTPBearer
+
+    bearer_doc = HTTPBearer(auto_error=False)  # only so that /docs shows an Authorize button
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(bearer_doc), Depends(auth)])
+
+    @app.get("/healthz", response_model=Health, tags=["health"])
+    def healthz() -> dict:
+        """The process is up (no authentication)."""
+        return {"status": "ok"}
+
+    @app.get("/readyz", response_model=Ready, tags=["health"],
+             responses={503: {"model": Ready}})
+    def readyz() -> Any:
+        """The Ray job server answers (no authentication)."""
+        try:
+            return {"status": "ready", "ray_version": runs.jobs.ping()}
+        except service.ServiceError as err:
+            return JSONResponse(
+                status_code=503, content={"status": "unavailable", "detail": str(err)}
+            )
+
+    @v1.post("/distillations", status_code=201, response_model=Distillation,
+             tags=["distillations"])
+    def create(
+        cfg: RunConfig,
+        request: Request,
+        idempotency_key: Annotated[
+            str | None, Header(alias="Idempotency-Key", max_length=255)
+        ] = None,
+        submitter: Annotated[str | None, Header(alias="X-Submitter", max_length=200)] = None,
+    ) -> Any:
+        """Start a distillation (the body is a run config; `run_dir` is chosen by the server).
+        A retry with the same `Idempotency-Key` returns the first run (200) instead."""
+        who = submitter or (request.client.host if request.client else None)
+        rec, created = runs.create(cfg, idempotency_key, who)
+        view = runs.view(runs.record(rec.id))
+        if created:
+            return JSONResponse(status_code=201, content=jsonable_encoder(view),
+                                headers={"Location": f"/v1/distillations/{rec.id}"})
+        return JSONResponse(status_code=200, content=jsonable_encoder(view),
+                            headers={"Idempotent-Replayed": "true"})
+
+    @v1.get("/distillations", response_model=DistillationPage, tags=["distillations"])
+    def list_runs(
+        status: Status | None = None,
+        limit: Annotated[int, Query(ge=1, le=500)] = 50,
+        offset: Annotated[int, Query(ge=0)] = 0,
+    ) -> dict:
+        """Runs, newest first, optionally only those with a given status."""
+        return runs.list(status, limit, offset)
+
+    @v1.get("/distillations/{run_id}", response_model=Distillation, tags=["distillations"])
+    def get_run(run_id: str) -> dict:
+        """Status, current cycle and stage, progress, per-cycle core size / Jaccard / metrics,
+        Ray job."""
+        return runs.view(runs.record(run_id))
+
+    @v1.get("/distillations/{run_id}/cycles/{n}", response_model=CycleDetail,
+            tags=["distillations"])
+    def get_cycle(
+        run_id: str,
+        n: int,
+        full: Annotated[
+            bool, Query(description="include every candidate's id and score")
+        ] = False,
+    ) -> dict:
+        """A committed cycle: summary, selected core (core.json), metrics, its artefacts."""
+        rec = runs.record(run_id)
+        detail = service.read_cycle(rec.run_dir, n) if n >= 0 else None
+        if detail is None:
+            raise _error(404, f"cycle {n} of {run_id} is not committed")
+        if not full and detail.get("core"):
+            detail["core"] = {
+                k: v for k, v in detail["core"].items() if not k.startswith("candidate_")
+            }
+        return detail
+
+    @v1.get(
+        "/distillations/{run_id}/events",
+        tags=["distillations"],
+        response_class=StreamingResponse,
+        responses={200: {"content": {"text/event-stream": {}},
+                         "description": "`progress`, `cycle` and a final `end` event"}},
+    )
+    async def events(run_id: str) -> StreamingResponse:
+        """Server-sent events: `progress` (status, cycle, stage, progress) on every change,
+        `cycle` for each committed cycle, and `end` once the run is terminal."""
+        runs.record(run_id)
+        return StreamingResponse(
+            _event_stream(runs, run_id),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+
+    @v1.get("/distillations/{run_id}/logs", response_class=PlainTextResponse,
+            tags=["distillations"])
+    def logs(
+        run_id: str,
+        attempt: Annotated[int | None, Query(ge=1, description="1 = first job")] = None,
+        tail: Annotated[int | None, Query(ge=1, description="last N lines only")] = None,
+    ) -> PlainTextResponse:
+        """The driver log of the run's Ray job (the latest one unless `attempt` is given)."""
+        rec = runs.record(run_id)
+        if attempt is not None and attempt > len(rec.job_ids):
+            raise _error(404, f"run {run_id} has {len(rec.job_ids)} job(s)")
+        job_id = rec.job_ids[(attempt or len(rec.job_ids)) - 1]
+        try:
+            text = runs.jobs.logs(job_id)
+        except service.ServiceError as err:
+            raise _error(503, str(err)) from None
+        if text is None:
+            raise _error(404, f"Ray has no logs for job {job_id}")
+        if tail is not None:
+            text = "\n".join(text.splitlines()[-tail:]) + "\n"
+        return PlainTextResponse(text)
+
+    @v1.post("/distillations/{run_id}/stop", response_model=Distillation, status_code=202,
+             tags=["distillations"])
+    def stop(run_id: str) -> Any:
+        """Stop the run's Ray job (202; already stopped: 200). Resume it later."""
+        view, code = runs.stop(runs.record(run_id))
+        return JSONResponse(status_code=code, content=jsonable_encoder(view))
+
+    @v1.post("/distillations/{run_id}/resume", response_model=Distillation, status_code=202,
+             tags=["distillations"])
+    def resume(run_id: str) -> dict:
+        """Submit a new Ray job on the same run directory; it resumes after the last
+        committed cycle. Only for stopped or failed runs (409 otherwise)."""
+        return runs.resume(runs.record(run_id))
+
+    @v1.delete("/distillations/{run_id}", status_code=204, tags=["distillations"])
+    def delete(run_id: str) -> None:
+        """Delete a finished or stopped run: its record, Ray jobs and run directory (409 while
+        it is active)."""
+        runs.delete(runs.record(run_id))
+
+    @v1.get("/distillations/{run_id}/artifacts", response_model=ArtifactList,
+            tags=["artifacts"])
+    def artifacts(run_id: str) -> dict:
+        """Every file of the run directory."""
+        rec = runs.record(run_id)
+        return {"items": service.list_artifacts(rec.run_dir)}
+
+    @v1.get("/distillations/{run_id}/artifacts/{path:path}", tags=["artifacts"],
+            response_class=FileResponse)
+    def artifact(run_id: str, path: str) -> FileResponse:
+        """Download one file (SAE safetensors, core files, report). Paths stay inside the run
+        directory: absolute or '..' paths get 400, anything else outside it 404."""
+        rec = runs.record(run_id)
+        try:
+            target = service.resolve_artifact(rec.run_dir, path)
+        except service.ArtifactPathError as err:
+            raise _error(400, str(err)) from None
+        except FileNotFoundError:
+            raise _error(404, f"no artifact {path!r}") from None
+        media = {".json": "application/json", ".md": "text/markdown", ".png": "image/png"}
+        return FileResponse(
+            target,
+            media_type=media.get(target.suffix, "application/octet-stream"),
+            filename=target.name,
+        )
+
+    # Sweeps (dmsae_ray.tuning): one Ray job `dmsae sweep` per sweep; each sweep directory
+    # holds its own record, so no table of the runs database is involved.
+    sweeps = tuning.Sweeps(tuning.sweeps_root(settings.runs_root), runs.jobs)
+    app.state.sweeps = sweeps
+
+    def _sweeps_call(fn: Any, *args: Any) -> Any:
+        try:
+            return fn(*args)
+        except tuning.SweepNotFound as err:
+            raise _error(404, str(err)) from None
+        except service.ArtifactPathError as err:
+            raise _error(400, str(err)) from None
+        except FileNotFoundError:
+            raise _error(404, f"no artifact {args[-1]!r}") from None
+        except service.ServiceError as err:
+            raise _error(503, str(err)) from None
+
+    @v1.post("/sweeps", status_code=201, tags=["sweeps"])
+    def create_sweep(
+        req: tuning.SweepRequest,
+        request: Request,
+        submitter: Annotated[str | None, Header(alias="X-Submitter", max_length=200)] = None,
+    ) -> Any:
+        """Start a sweep: a base run config plus a `sweep` section (grid, random, num_samples,
+        max_concurrent_trials, ...), run as the Ray job `dmsae sweep`. Every trial's config is
+        validated first: 422 names the field (e.g. `sweep.grid.distill.tau`)."""
+        who = submitter or (request.client.host if request.client else None)
+        try:
+            view = _sweeps_call(sweeps.create, req, who)
+        except tuning.SweepError as err:
+            raise RequestValidationError(list(tuning.iter_errors(err))) from None
+        return JSONResponse(status_code=201, content=jsonable_encoder(view),
+                            headers={"Location": f"/v1/sweeps/{view['id']}"})
+
+    @v1.get("/sweeps", tags=["sweeps"])
+    def list_sweeps(
+        status: Status | None = None,
+        limit: Annotated[int, Query(ge=1, le=500)] = 50,
+        offset: Annotated[int, Query(ge=0)] = 0,
+    ) -> dict:
+        """Sweeps, newest first."""
+        return _sweeps_call(sweeps.list, status, limit, offset)
+
+    @v1.get("/sweeps/{sweep_id}", tags=["sweeps"])
+    def get_sweep(sweep_id: str) -> dict:
+        """Status (as for distillations), the Ray job, the spec and the live summary."""
+        return _sweeps_call(sweeps.view, sweep_id)
+
+    @v1.get("/sweeps/{sweep_id}/summary", tags=["sweeps"])
+    def sweep_summary(sweep_id: str) -> dict:
+        """One row per trial (swept values, status, core size, Jaccard, attribution fraction,
+        L0, variance explained, CE recovered, latents selected in every cycle), read from the
+        trials' run directories now; `cycles` has each trial's per-cycle core size and
+        Jaccard."""
+        return _sweeps_call(sweeps.summary, sweep_id)
+
+    @v1.get("/sweeps/{sweep_id}/artifacts/{path:path}", tags=["sweeps"],
+            response_class=FileResponse)
+    def sweep_artifact(sweep_id: str, path: str) -> FileResponse:
+        """A file of the sweep directory: summary.csv/.md/.json, plots/*.png, a trial's run
+        directory files (trials/<name>/...). Same path rules as a run's artifacts."""
+        target = _sweeps_call(sweeps.artifact, sweep_id, path)
+        media = {".json": "application/json", ".md": "text/markdown", ".png": "image/png",
+                 ".csv": "text/csv"}
+        return FileResponse(target, media_type=media.get(target.suffix,
+                            "application/octet-stream"), filename=target.name)
+
+    app.include_router(v1)
+    return app
+
+
+def _sse(event: str, data: Any, event_id: int | None = None) -> str:
+    head = f"id: {event_id}\n" if event_id is not None else ""
+    return f"{head}event: {event}\ndata: {json.dumps(jsonable_encoder(data))}\n\n"
+
+
+async def _event_stream(runs: Runs, run_id: str):
+    settings = runs.settings
+    seq, last, sent_cycles, last_sent = 0, None, 0, time.monotonic()
+    while True:
+        view = await asyncio.to_thread(runs.snapshot, run_id)
+        if view is None:
+            yield _sse("end", {"id": run_id, "status": "deleted"})
+            return
+        for summary in view["cycles"][sent_cycles:]:
+            seq += 1
+            yield _sse("cycle", summary, seq)
+        sent_cycles = len(view["cycles"])
+        keys = ("status", "error", "cycle", "stage", "progress", "ray_job_id")
+        current = {k: view[k] for k in keys} | {"id": run_id, "core_size": view["core_size"]}
+        if current != last:
+            seq += 1
+            yield _sse("progress", current, seq)
+            last, last_sent = current, time.monotonic()
+        elif time.monotonic() - last_sent > settings.keepalive:
+            yield ": keep-alive\n\n"
+            last_sent = time.monotonic()
+        if view["status"] in service.TERMINAL:
+            seq += 1
+            yield _sse("end", current, seq)
+            return
+        await asyncio.sleep(settings.poll_interval)

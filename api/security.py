@@ -1,0 +1,126 @@
+"""Bearer-token authentication, the request body cap and the loopback rule."""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import json
+import os
+from pathlib import Path
+
+from fastapi import HTTPException, Request, status
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+TOKEN_ENV = "DMSAE_API_TOKEN"
+
+
+def load_token(token_file: str | Path | None = None) -> str | None:
+    """The API token: from ``token_file`` if given, else ``$DMSAE_API_TOKEN``; None if unset."""
+    if token_file is not None:
+        token = Path(token_file).read_text().strip()
+        if not token:
+            raise ValueError(f"token file {token_file} is empty")
+        return token
+    return os.environ.get(TOKEN_ENV, "").strip() or None
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a hostname we would have to resolve: not provably loopback
+
+
+class BearerAuth:
+    """FastAPI dependency: 401 without a bearer token, 403 with a wrong one. No token
+    configured means no authentication (the server then binds loopback only)."""
+
+    def __init__(self, token: str | None) -> None:
+        self._token = token.encode() if token else None
+
+    def __call__(self, request: Request) -> None:
+        if self._token is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, given = header.partition(" ")
+        if scheme.lower() != "bearer" or not given.strip():
+            raise HTTPException(
+                status.HTTP_401_UNAUTHORIZED,
+                "missing bearer token",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+        if not hmac.compare_digest(given.strip().encode(), self._token):
+            raise HTTPException(status.HTTP_403_FORBIDDEN, "invalid token")
+
+
+class _TooLarge(StarletteHTTPException):
+    # An HTTPException so that FastAPI's body parsing passes it on as a 413 (it turns any
+    # other error raised while reading the body into a 400).
+    def __init__(self, max_bytes: int) -> None:
+        super().__init__(413, f"request body over {max_bytes} bytes")
+
+
+class BodyLimitMiddleware:
+    """413 for a request body over ``max_bytes``: by Content-Length up front, and by counting
+    for chunked bodies (the handler then never sees the rest)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope.get("headers", []):
+            if name == b"content-length":
+                try:
+                    length = int(value)
+                except ValueError:
+                    await _reply(send, 400, "invalid Content-Length")
+                    return
+                if length > self.max_bytes:
+                    await _reply(send, 413, f"request body over {self.max_bytes} bytes")
+                    return
+        received = 0
+        started = False
+
+        async def counting_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise _TooLarge(self.max_bytes)
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, tracking_send)
+        except _TooLarge:
+            if not started:
+                await _reply(send, 413, f"request body over {self.max_bytes} bytes")
+
+
+async def _reply(send: Send, code: int, detail: str) -> None:
+    body = json.dumps({"detail": detail}).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": code,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"connection", b"close"),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})

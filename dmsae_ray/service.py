@@ -1,0 +1,465 @@
+"""What the CLI and the REST API (``api/``) share: submit a run as a Ray job, stop it, read its
+job status and logs, and read the state and artefacts of its run directory.
+
+A run is driven only through its public surface, so this module keeps working whatever the
+pipeline does inside the job:
+
+* the entrypoint command ``dmsae run --config <run_dir>/request.json`` (the validated config
+  with ``run_dir`` pointing at the run directory), submitted through Ray Jobs
+  (``ray.job_submission.JobSubmissionClient``); a resume is the same command in a new job;
+* the run directory files: ``config.json``, ``state.json`` (atomically replaced),
+  ``cycles/NNN/...`` and ``core/...``.
+
+It imports neither torch nor the pipeline, so a service process starts in a second or two.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shlex
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dmsae_ray.config import RunConfig
+
+REQUEST_FILE = "request.json"  # the config the job runs (written by the service)
+CONFIG_FILE = "config.json"  # written by the pipeline when the run directory comes into being
+STATE_FILE = "state.json"
+
+# Statuses of a run as the service reports them (state.json combined with the Ray job).
+PENDING, RUNNING, STOPPING = "pending", "running", "stopping"
+COMPLETED, FAILED, STOPPED = "completed", "failed", "stopped"
+TERMINAL = frozenset({COMPLETED, FAILED, STOPPED})
+ACTIVE = frozenset({PENDING, RUNNING, STOPPING})
+STATUSES = (PENDING, RUNNING, STOPPING, COMPLETED, FAILED, STOPPED)
+
+# Ray Jobs stops a job with SIGTERM (`dmsae run` turns it into a KeyboardInterrupt, so the run
+# records status "stopped") and SIGKILLs it 3 s later unless told otherwise: the job's
+# runtime_env reaches the job supervisor's environment, so this gives the driver 20 s to wind
+# down. (Not SIGINT via RAY_JOB_STOP_SIGNAL: Ray Train's fit() replaces the SIGINT handler for
+# good, so a driver that trained once would only abort its current fit.) Whatever happens,
+# every file of the run directory is written atomically, so a killed job resumes after its
+# last committed cycle.
+STOP_ENV = {"RAY_JOB_STOP_WAIT_TIME_S": "20"}
+
+
+class ServiceError(RuntimeError):
+    """The cluster could not do what was asked (unreachable, refused the job, ...)."""
+
+
+class RayUnavailable(ServiceError):
+    """The Ray job server does not answer."""
+
+
+# ----------------------------------------------------------------------------- run config
+
+
+def prepare_run(cfg: RunConfig, run_dir: str | Path) -> tuple[RunConfig, Path]:
+    """Pin ``run_dir`` (absolute: the job runs in another working directory) and write the
+    config the job will run to ``<run_dir>/request.json``. Returns the config and that path."""
+    root = Path(run_dir).expanduser().resolve()
+    cfg = RunConfig.model_validate(cfg.model_dump(mode="json") | {"run_dir": str(root)})
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / REQUEST_FILE
+    _atomic_write_text(path, json.dumps(cfg.model_dump(mode="json"), indent=2) + "\n")
+    return cfg, path
+
+
+def config_digest(cfg: RunConfig) -> str:
+    """A hash of what a run computes (its run_dir left out): equal configs, equal digests."""
+    data = cfg.model_dump(mode="json")
+    data.pop("run_dir", None)
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+def entrypoint(config_path: str | Path, command: str = "dmsae") -> str:
+    """The job's shell command. ``command`` is resolved on the PATH of whoever started Ray."""
+    return f"{command} run --config {shlex.quote(str(config_path))}"
+
+
+def job_resources(cfg: RunConfig) -> dict[str, Any]:
+    """Resources reserved for the job's driver (the entrypoint).
+
+    With ``ray.use_gpu`` and ``ray.num_workers == 0`` the whole run happens in the driver, so
+    the driver reserves a GPU. With Ray Train workers the workers request their own GPUs; the
+    driver reserving one as well would starve them on a one-GPU node.
+    """
+    if cfg.ray.use_gpu and cfg.ray.num_workers == 0:
+        return {"entrypoint_num_gpus": 1}
+    return {}
+
+
+# ----------------------------------------------------------------------------- Ray jobs
+
+
+@dataclass(frozen=True)
+class JobInfo:
+    job_id: str
+    status: str  # PENDING RUNNING STOPPED SUCCEEDED FAILED
+    message: str | None = None
+    start_time: float | None = None  # seconds since the epoch
+    end_time: float | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def terminal(self) -> bool:
+        return self.status in ("STOPPED", "SUCCEEDED", "FAILED")
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "job_id": self.job_id,
+            "status": self.status,
+            "message": self.message,
+            "start_time": self.start_time,
+            "end_time": self.end_time,
+        }
+
+
+def _job_info(details: Any) -> JobInfo:
+    def seconds(ms: Any) -> float | None:
+        return ms / 1000.0 if ms else None
+
+    status = details.status
+    return JobInfo(
+        job_id=details.submission_id or details.job_id,
+        status=getattr(status, "value", str(status)),
+        message=details.message,
+        start_time=seconds(details.start_time),
+        end_time=seconds(details.end_time),
+        metadata=dict(details.metadata or {}),
+    )
+
+
+class RayJobs:
+    """A thread-safe wrapper of ``JobSubmissionClient`` for dmsae runs.
+
+    The client is created lazily (its constructor needs the cluster up) and recreated after a
+    connection error. Job statuses are cached for ``cache_ttl`` seconds so that many status
+    requests at once cost the Ray job server one call.
+    """
+
+    def __init__(
+        self,
+        address: str | None = None,
+        *,
+        command: str = "dmsae",
+        env_vars: dict[str, str] | None = None,
+        cache_ttl: float = 1.0,
+    ) -> None:
+        self.address = address
+        self.command = command
+        self.env_vars = dict(STOP_ENV if env_vars is None else env_vars)
+        self.cache_ttl = cache_ttl
+        self._client: Any = None
+        self._lock = threading.Lock()
+        self._cache: dict[str, tuple[float, JobInfo | None]] = {}
+        self._all: tuple[float, dict[str, JobInfo]] | None = None
+
+    # connection
+    @property
+    def client(self) -> Any:
+        with self._lock:
+            if self._client is None:
+                from ray.job_submission import JobSubmissionClient
+
+                try:
+                    self._client = JobSubmissionClient(self.address)
+                except (ConnectionError, OSError) as err:
+                    raise RayUnavailable(f"Ray job server unreachable: {err}") from None
+                except Exception as err:  # version check failures, bad addresses
+                    raise RayUnavailable(f"Ray job server unusable: {err}") from None
+            return self._client
+
+    def _call(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        import requests
+
+        client = self.client
+        try:
+            return getattr(client, name)(*args, **kwargs)
+        except (ConnectionError, requests.exceptions.RequestException) as err:
+            with self._lock:
+                self._client = None
+            raise RayUnavailable(f"Ray job server unreachable: {err}") from None
+
+    def ping(self) -> str:
+        """The cluster's Ray version; raises ``RayUnavailable``."""
+        return str(self._call("get_version"))
+
+    def invalidate(self, job_id: str | None = None) -> None:
+        with self._lock:
+            if job_id is None:
+                self._cache.clear()
+            else:
+                self._cache.pop(job_id, None)
+            self._all = None
+
+    # jobs
+    def submit(
+        self,
+        config_path: str | Path,
+        submission_id: str,
+        metadata: dict[str, str] | None = None,
+        resources: dict[str, Any] | None = None,
+    ) -> str:
+        try:
+            job_id = self._call(
+                "submit_job",
+                entrypoint=entrypoint(config_path, self.command),
+                submission_id=submission_id,
+                metadata={k: str(v) for k, v in (metadata or {}).items()},
+                runtime_env={"env_vars": dict(self.env_vars)} if self.env_vars else None,
+                **(resources or {}),
+            )
+        except RayUnavailable:
+            raise
+        except RuntimeError as err:
+            raise ServiceError(f"Ray refused the job: {err}") from None
+        self.invalidate(job_id)
+        return job_id
+
+    def stop(self, job_id: str) -> bool:
+        try:
+            return bool(self._call("stop_job", job_id))
+        except RayUnavailable:
+            raise
+        except RuntimeError:
+            return False  # unknown job
+        finally:
+            self.invalidate(job_id)
+
+    def delete(self, job_id: str) -> bool:
+        try:
+            return bool(self._call("delete_job", job_id))
+        except RayUnavailable:
+            raise
+        except RuntimeError:
+            return False
+        finally:
+            self.invalidate(job_id)
+
+    def info(self, job_id: str) -> JobInfo | None:
+        """The job, or None when the cluster does not know it (deleted, cluster restarted)."""
+        now = time.monotonic()
+        with self._lock:
+            hit = self._cache.get(job_id)
+            if hit and now - hit[0] < self.cache_ttl:
+                return hit[1]
+        try:
+            info: JobInfo | None = _job_info(self._call("get_job_info", job_id))
+        except RayUnavailable:
+            raise
+        except RuntimeError as err:
+            if "404" not in str(err) and "does not exist" not in str(err):
+                raise ServiceError(str(err)) from None
+            info = None
+        with self._lock:
+            self._cache[job_id] = (now, info)
+        return info
+
+    def all(self) -> dict[str, JobInfo]:
+        """Every job the cluster knows, by submission id (one call, cached)."""
+        now = time.monotonic()
+        with self._lock:
+            if self._all and now - self._all[0] < self.cache_ttl:
+                return self._all[1]
+        jobs = {}
+        for details in self._call("list_jobs"):
+            if details.submission_id:
+                info = _job_info(details)
+                jobs[info.job_id] = info
+        with self._lock:
+            self._all = (now, jobs)
+        return jobs
+
+    def logs(self, job_id: str) -> str | None:
+        try:
+            return str(self._call("get_job_logs", job_id))
+        except RayUnavailable:
+            raise
+        except RuntimeError:
+            return None
+
+
+def submit_run(
+    jobs: RayJobs,
+    cfg: RunConfig,
+    run_dir: str | Path,
+    submission_id: str,
+    metadata: dict[str, str] | None = None,
+) -> str:
+    """Write ``request.json`` into ``run_dir`` and submit ``dmsae run`` on it as a Ray job.
+    Submitting again (another ``submission_id``) on the same run_dir resumes the run."""
+    cfg, path = prepare_run(cfg, run_dir)
+    return jobs.submit(path, submission_id, metadata, job_resources(cfg))
+
+
+# ----------------------------------------------------------------------------- run directory
+
+
+def read_state(run_dir: str | Path) -> dict | None:
+    """``state.json``, or None before the job wrote one. It is replaced atomically, so a read
+    never sees half a file; a transient read error is retried once."""
+    path = Path(run_dir) / STATE_FILE
+    for attempt in range(2):
+        try:
+            return json.loads(path.read_text())
+        except FileNotFoundError:
+            return None
+        except (json.JSONDecodeError, OSError):
+            if attempt:
+                raise
+            time.sleep(0.05)
+    return None
+
+
+def state_mtime(run_dir: str | Path) -> float | None:
+    try:
+        return (Path(run_dir) / STATE_FILE).stat().st_mtime
+    except FileNotFoundError:
+        return None
+
+
+def run_status(
+    state: dict | None,
+    job: JobInfo | None,
+    *,
+    ray_reachable: bool = True,
+    stop_requested: bool = False,
+    state_time: float | None = None,
+) -> tuple[str, str | None]:
+    """Combine ``state.json`` with the Ray job into (status, error).
+
+    The run directory is the truth about completion; the Ray job is the truth about whether
+    the process still runs (a killed job leaves state.json at "running").
+    """
+    s = (state or {}).get("status")
+    s_err = (state or {}).get("error")
+    if s == COMPLETED:
+        return COMPLETED, None
+    if job is None:
+        if not ray_reachable:  # best effort from the directory alone
+            return {None: PENDING, "created": PENDING}.get(s, s), s_err
+        if s in (FAILED, STOPPED):
+            return s, s_err
+        return FAILED, "the Ray job of this run is unknown to the cluster (lost or deleted)"
+    if job.status == "PENDING":
+        return (STOPPING if stop_requested else PENDING), None
+    if job.status == "RUNNING":
+        # The process still runs, whatever state.json says: a run is stopped or failed only
+        # once its job has ended (so a resume never overlaps a dying job). After a resume,
+        # state.json holds the previous job's final status until the new job rewrites it:
+        # a "stopped" counts only if written while this job ran (e.g. `ray job stop`).
+        fresh = state_time is not None and job.start_time is not None
+        fresh = fresh and state_time >= job.start_time
+        if stop_requested or (s == STOPPED and fresh):
+            return STOPPING, None
+        return RUNNING, None
+    if job.status == "SUCCEEDED":
+        return FAILED, "the job exited without completing the run"
+    if job.status == "STOPPED":
+        return STOPPED, None
+    # FAILED
+    return FAILED, s_err or job.message or "the Ray job failed"
+
+
+def cycle_files(run_dir: str | Path, cycle: int) -> Path:
+    return Path(run_dir) / "cycles" / f"{cycle:03d}"
+
+
+def read_cycle(run_dir: str | Path, cycle: int, state: dict | None = None) -> dict | None:
+    """One committed cycle: its summary from state.json, core.json (selected latents, scores)
+    and sae/metrics.json. None if the cycle is not committed."""
+    d = cycle_files(run_dir, cycle)
+    if not d.is_dir():
+        return None
+    state = read_state(run_dir) if state is None else state
+    summary = next((c for c in (state or {}).get("cycles", []) if c.get("cycle") == cycle), None)
+    out: dict[str, Any] = {"cycle": cycle, "summary": summary, "core": None, "metrics": None}
+    for key, path in (("core", d / "core.json"), ("metrics", d / "sae" / "metrics.json")):
+        if path.is_file():
+            out[key] = json.loads(path.read_text())
+    out["artifacts"] = list_artifacts(run_dir, prefix=f"cycles/{cycle:03d}")
+    return out
+
+
+# ----------------------------------------------------------------------------- artefacts
+
+
+class ArtifactPathError(ValueError):
+    """A requested artefact path that is malformed (absolute, '..', ...)."""
+
+
+def _hidden(part: str) -> bool:
+    # Temporary files and directories of atomic writes (".000.x1y2", ".state.json.abc").
+    return part.startswith(".")
+
+
+def list_artifacts(run_dir: str | Path, prefix: str = "") -> list[dict[str, Any]]:
+    """Regular files of the run directory (relative POSIX paths, sizes, mtimes), temporary
+    files of atomic writes left out; symlinks only when they stay inside the directory."""
+    root = Path(run_dir).resolve()
+    base = root / prefix if prefix else root
+    if not base.is_dir():
+        return []
+    out = []
+    for dirpath, dirnames, filenames in os.walk(base, followlinks=False):
+        dirnames[:] = sorted(d for d in dirnames if not _hidden(d))
+        for name in sorted(filenames):
+            if _hidden(name):
+                continue
+            path = Path(dirpath) / name
+            try:
+                real = path.resolve(strict=True)
+            except (FileNotFoundError, RuntimeError):
+                continue
+            if not real.is_relative_to(root) or not real.is_file():
+                continue
+            st = real.stat()
+            out.append(
+                {
+                    "path": path.relative_to(root).as_posix(),
+                    "size": st.st_size,
+                    "modified": st.st_mtime,
+                }
+            )
+    return out
+
+
+def resolve_artifact(run_dir: str | Path, rel: str) -> Path:
+    """The file ``rel`` names inside ``run_dir``.
+
+    Raises ``ArtifactPathError`` for a malformed path (empty, absolute, a '..' segment, a
+    backslash or NUL) and ``FileNotFoundError`` for one that does not name a regular file
+    inside the directory (missing, hidden temporary, or a symlink that leads out of it).
+    """
+    if not rel or "\x00" in rel or "\\" in rel:
+        raise ArtifactPathError("invalid artifact path")
+    if rel.startswith("/") or (len(rel) > 1 and rel[1] == ":"):
+        raise ArtifactPathError("artifact paths are relative to the run directory")
+    parts = [p for p in rel.split("/") if p not in ("", ".")]
+    if not parts or any(p == ".." for p in parts):
+        raise ArtifactPathError("artifact paths may not contain '..'")
+    if any(_hidden(p) for p in parts):
+        raise FileNotFoundError(rel)
+    root = Path(run_dir).resolve()
+    try:
+        target = root.joinpath(*parts).resolve(strict=True)
+    except (FileNotFoundError, RuntimeError):
+        raise FileNotFoundError(rel) from None
+    if not target.is_relative_to(root) or not target.is_file():
+        raise FileNotFoundError(rel)
+    return target
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)

@@ -1,28 +1,172 @@
-"""SAEBench core metrics on held-out tokens, with the inference threshold (ALGORITHM.md 12.2)."""
+"""SAEBench core metrics on held-out tokens, with the inference threshold (ALGORITHM.md 12.2).
+
+Formulas follow SAEBench ``evals/core/main.py``; where that code has a quirk we report its value
+under its own name next to the sane one:
+
+- ``explained_variance`` = 1 - E||x - x_hat||^2 / (E||x||^2 - ||E x||^2), i.e. 1 - FVU over all
+  eval tokens (SAEBench's intended formula); ``explained_variance_saebench`` replicates SAEBench's
+  code, whose "total variance" subtracts (mean_d E[x_d^2])^2 instead of ||E x||^2;
+  ``explained_variance_legacy`` is SAEBench's older per-token 1 - ||x - x_hat||^2 / ||x - mean||^2
+  (mean over the LM batch), averaged over tokens.
+- ``mse`` = E_tokens sum_d (x - x_hat)^2 (SAEBench divides each token by the batch's token count
+  instead, which makes its number depend on the batch size).
+- The SAE works in the normalised scale ``x / norm_factor``; ``mse``, ``l1`` and the l2 norms are
+  in that scale (multiply by ``norm_factor`` squared / once for raw units). Every other metric is
+  scale-free.
+- CE and KL: at BOS/EOS/pad the clean activation is kept for the SAE splice
+  (``exclude_special_tokens_from_reconstruction``); zero-ablation zeroes every position, as
+  SAEBench does; the per-token values are averaged over positions whose *input* token is not
+  special (SAEBench's ``ignore_tokens``).
+"""
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dmsae_ray.data import valid_mask
-from dmsae_ray.lm import layer_activations, replace_layer_output
+from dmsae_ray.lm import replace_layer_output
 from dmsae_ray.sae import MatryoshkaBatchTopKSAE
 
+# Upper bound on token positions per LM forward during evaluation: the clean logits are kept while
+# the spliced and ablated forwards run, and at Gemma's 256k vocabulary every position costs 0.5 MB.
+LOGIT_TOKENS = 8_192
+# Elements of a float32 logit slice turned into log-probabilities at once (bounds the temporaries).
+_LOGIT_CHUNK = 1 << 25
+DENSITY_EPS = 1e-10  # SAELens' log-sparsity offset: log10(density + 1e-10)
+HIST_EDGES = [x / 2 for x in range(-20, 1)]  # log10 density bins from -10 (dead) to 0
 
-def reconstruction_metrics(x: Tensor, x_hat: Tensor, f: Tensor, core: int) -> dict[str, float]:
-    """Per-token sums over d, means over tokens, as SAEBench reports them."""
-    err = (x - x_hat).pow(2).sum(-1)
-    total_var = (x - x.mean(0, keepdim=True)).pow(2).sum(-1)
-    return {
-        "l0": float((f > 0).sum(-1).float().mean()),
-        "core_l0": float((f[:, :core] > 0).sum(-1).float().mean()),
-        "mse": float(err.mean()),
-        "explained_variance": float(1 - err.sum() / total_var.sum()),
-        "cossim": float(F.cosine_similarity(x, x_hat, dim=-1).mean()),
-        "l2_ratio": float((x_hat.norm(dim=-1) / x.norm(dim=-1).clamp_min(1e-8)).mean()),
+
+class CoreStats:
+    """Running sums over eval tokens, so no [tokens x latents] matrix is ever kept."""
+
+    def __init__(self, width: int, core: int) -> None:
+        self.width, self.core = width, core
+        self.n = 0
+        self.sums: dict[str, float] = {}
+        self.fired = torch.zeros(width, dtype=torch.float64)
+        self.sum_x: Tensor | None = None  # [d]
+        self.sum_x2: Tensor | None = None  # [d]
+
+    def _add(self, key: str, value: Tensor | float) -> None:
+        self.sums[key] = self.sums.get(key, 0.0) + float(value)
+
+    @torch.no_grad()
+    def update(
+        self, x: Tensor, x_hat: Tensor, f: Tensor, x_hat_nested: Tensor | None = None
+    ) -> None:
+        """One batch of valid tokens: inputs, full reconstructions, codes [n, K]."""
+        if x.shape[0] == 0:
+            return
+        x, x_hat, f = x.double(), x_hat.double(), f.double()
+        active = f != 0
+        rss = (x - x_hat).pow(2).sum(-1)
+        norm_in, norm_out = x.norm(dim=-1), x_hat.norm(dim=-1)
+        # SAEBench: a (near-)zero input norm divides by 1 instead.
+        denom = torch.where(norm_in.abs() < 1e-4, torch.ones_like(norm_in), norm_in)
+        batch_var = (x - x.mean(0, keepdim=True)).pow(2).sum(-1)
+        self._add("l0", active.sum())
+        self._add("core_l0", active[:, : self.core].sum())
+        self._add("l1", f.sum())
+        self._add("rss", rss.sum())
+        self._add("x_norm2", x.pow(2).sum())
+        self._add("x_hat_norm2", x_hat.pow(2).sum())
+        self._add("dot", (x * x_hat).sum())
+        self._add("cossim", F.cosine_similarity(x, x_hat, dim=-1).sum())
+        self._add("l2_norm_in", norm_in.sum())
+        self._add("l2_norm_out", norm_out.sum())
+        self._add("l2_ratio", (norm_out / denom).sum())
+        self._add("ev_legacy", (1 - rss / batch_var).sum())
+        if x_hat_nested is not None:
+            self._add("nested_rss", (x - x_hat_nested.double()).pow(2).sum())
+        sx, sx2 = x.sum(0).cpu(), x.pow(2).sum(0).cpu()
+        self.sum_x = sx if self.sum_x is None else self.sum_x + sx
+        self.sum_x2 = sx2 if self.sum_x2 is None else self.sum_x2 + sx2
+        self.fired += active.sum(0).cpu().double()
+        self.n += x.shape[0]
+
+    def density(self) -> Tensor:
+        """Fraction of eval tokens on which each latent fires [K]."""
+        return (self.fired / max(self.n, 1)).float()
+
+    def metrics(self) -> dict:
+        n = max(self.n, 1)
+        s = {k: v / n for k, v in self.sums.items()}
+        mean_x = self.sum_x / n if self.sum_x is not None else torch.zeros(1)
+        mean_x2 = self.sum_x2 / n if self.sum_x2 is not None else torch.zeros(1)
+        total_var = s.get("x_norm2", 0.0) - float(mean_x.pow(2).sum())
+        saebench_var = s.get("x_norm2", 0.0) - float(mean_x2.mean()) ** 2
+        mse = s.get("rss", 0.0)
+        out = {
+            "l0": s.get("l0", 0.0),
+            "core_l0": s.get("core_l0", 0.0),
+            "l1": s.get("l1", 0.0),
+            "mse": mse,
+            "explained_variance": _one_minus_ratio(mse, total_var),
+            "explained_variance_saebench": _one_minus_ratio(mse, saebench_var),
+            "explained_variance_legacy": s.get("ev_legacy", math.nan),
+            "cossim": s.get("cossim", math.nan),
+            "l2_norm_in": s.get("l2_norm_in", math.nan),
+            "l2_norm_out": s.get("l2_norm_out", math.nan),
+            "l2_ratio": s.get("l2_ratio", math.nan),
+            "relative_reconstruction_bias": _ratio(s.get("x_hat_norm2"), s.get("dot")),
+        }
+        if "nested_rss" in s:
+            out["nested_mse"] = s["nested_rss"]
+            out["nested_explained_variance"] = _one_minus_ratio(s["nested_rss"], total_var)
+        return out | density_metrics(self.density(), self.core)
+
+
+def _ratio(a: float | None, b: float | None) -> float:
+    return math.nan if a is None or not b else a / b
+
+
+def _one_minus_ratio(a: float, b: float) -> float:
+    return math.nan if b <= 0 else 1 - a / b
+
+
+def reconstruction_metrics(
+    x: Tensor, x_hat: Tensor, f: Tensor, core: int, x_hat_nested: Tensor | None = None
+) -> dict:
+    """SAEBench sparsity, reconstruction, shrinkage and density metrics of one set of tokens."""
+    stats = CoreStats(f.shape[1], core)
+    stats.update(x, x_hat, f, x_hat_nested)
+    return stats.metrics()
+
+
+def log_sparsity(density: Tensor) -> Tensor:
+    """What SAELens stores in ``sparsity.safetensors``."""
+    return torch.log10(density.float() + DENSITY_EPS)
+
+
+def density_histogram(density: Tensor) -> dict[str, list]:
+    """Counts of latents per log10-density bin; dead latents land in the first bin."""
+    logd = log_sparsity(density).double()
+    edges = torch.tensor(HIST_EDGES, dtype=torch.float64)
+    idx = torch.bucketize(logd, edges, right=True).sub(1).clamp(0, len(HIST_EDGES) - 2)
+    counts = torch.bincount(idx, minlength=len(HIST_EDGES) - 1)
+    return {"log10_edges": HIST_EDGES, "counts": counts.tolist()}
+
+
+def density_metrics(density: Tensor, core: int = 0) -> dict:
+    """Feature-density summaries as SAEBench's misc metrics: alive and dense latents."""
+    d = density.double()
+    total = float(d.sum())
+    out = {
+        "frac_alive": float((d > 0).double().mean()),
+        "freq_over_1_percent": float((d > 0.01).double().mean()),
+        "freq_over_10_percent": float((d > 0.1).double().mean()),
+        # Share of all firings that go to the dense latents.
+        "normalized_freq_over_1_percent": float(d[d > 0.01].sum()) / total if total else 0.0,
+        "normalized_freq_over_10_percent": float(d[d > 0.1].sum()) / total if total else 0.0,
+        "feature_density_hist": density_histogram(density),
     }
+    if core:
+        out["core_frac_alive"] = float((d[:core] > 0).double().mean())
+    return out
 
 
 def ce_loss_score(ce_clean: float, ce_sae: float, ce_zero: float) -> float:
@@ -31,13 +175,90 @@ def ce_loss_score(ce_clean: float, ce_sae: float, ce_zero: float) -> float:
     return float("nan") if gap == 0 else (ce_zero - ce_sae) / gap
 
 
-def _mean_ce(model: nn.Module, ids: Tensor, valid: Tensor) -> tuple[float, int]:
-    logits = model(input_ids=ids, use_cache=False).logits
-    nll = F.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="none"
-    )
-    mask = valid[:, 1:].flatten().float()
-    return float((nll * mask).sum()), int(mask.sum())
+def kl_div_score(kl_sae: float, kl_zero: float) -> float:
+    """(KL_zero - KL_sae) / KL_zero, each the mean per-token KL(p_clean || p_new)."""
+    return float("nan") if kl_zero == 0 else (kl_zero - kl_sae) / kl_zero
+
+
+def token_ce_kl(
+    clean_logits: Tensor, new_logits: Tensor, ids: Tensor, kl: bool = True
+) -> tuple[Tensor, Tensor | None]:
+    """Per-position next-token CE of the new logits [B, T-1] and KL(p_clean || p_new) [B, T].
+
+    Log-probabilities are taken over position chunks so only a slice is ever held in float32.
+    """
+    b, t, v = new_logits.shape
+    step = max(1, _LOGIT_CHUNK // max(b * v, 1))
+    ces, kls = [], []
+    for s in range(0, t, step):
+        lp_new = F.log_softmax(new_logits[:, s : s + step].float(), -1)
+        tgt = ids[:, s + 1 : s + step + 1]  # the last position has no next token
+        ces.append(-lp_new[:, : tgt.shape[1]].gather(-1, tgt[..., None]).squeeze(-1))
+        if kl:
+            lp_clean = F.log_softmax(clean_logits[:, s : s + step].float(), -1)
+            kls.append(F.kl_div(lp_new, lp_clean, log_target=True, reduction="none").sum(-1))
+    return torch.cat(ces, 1), (torch.cat(kls, 1) if kl else None)
+
+
+@torch.no_grad()
+def run_eval(
+    model: nn.Module,
+    sae: MatryoshkaBatchTopKSAE,
+    blocks: Tensor,
+    layer: int,
+    norm_factor: float,
+    specials: list[int],
+    batch_size: int = 8,
+    logit_tokens: int = LOGIT_TOKENS,
+) -> tuple[dict, Tensor]:
+    """The metrics and the per-latent firing density [K] on ``blocks`` [N, T]."""
+    device = next(model.parameters()).device
+    sae_device = next(sae.parameters()).device
+    rows = max(1, min(batch_size, logit_tokens // max(blocks.shape[1], 1)))
+    stats = CoreStats(sae.width, sae.c)
+    lm = {"ce_clean": 0.0, "ce_sae": 0.0, "ce_zero": 0.0, "kl_sae": 0.0, "kl_zero": 0.0}
+    n_ce = n_kl = 0
+    box: dict[str, Tensor] = {}
+
+    def capture(out: Tensor) -> Tensor:
+        box["h"] = out.clone()  # later layers must not be able to alter it
+        return out
+
+    for start in range(0, blocks.shape[0], rows):
+        ids = blocks[start : start + rows].to(device)
+        valid = valid_mask(ids, specials)
+        with replace_layer_output(model, layer, capture):
+            clean = model(input_ids=ids, use_cache=False).logits
+        h = box["h"]
+        x = h[valid].float().to(sae_device) / norm_factor
+        f = sae.encode(x)  # inference: core ReLU, non-core JumpReLU at the learned threshold
+        x_hat = sae.decode(f)
+        stats.update(x, x_hat, f, sae.decode_nested(f, sae.nested_width))
+        recon = h.clone()
+        recon[valid] = (x_hat * norm_factor).to(h.device, h.dtype)
+        ce_mask, kl_mask = valid[:, :-1], valid
+        ce_clean, _ = token_ce_kl(clean, clean, ids, kl=False)
+        lm["ce_clean"] += float(ce_clean[ce_mask].sum())
+        # The layers below L are untouched, so the splice can reuse this forward's activation.
+        for key, new in (("sae", recon), ("zero", torch.zeros_like(h))):
+            with replace_layer_output(model, layer, lambda _out, new=new: new):
+                logits = model(input_ids=ids, use_cache=False).logits
+            ce, kl = token_ce_kl(clean, logits, ids)
+            lm[f"ce_{key}"] += float(ce[ce_mask].sum())
+            lm[f"kl_{key}"] += float(kl[kl_mask].sum())
+            del logits
+        n_ce += int(ce_mask.sum())
+        n_kl += int(kl_mask.sum())
+        del clean
+    lm = {k: v / max(n_ce if k.startswith("ce") else n_kl, 1) for k, v in lm.items()}
+    out = stats.metrics() | lm
+    out |= {
+        "ce_loss_score": ce_loss_score(lm["ce_clean"], lm["ce_sae"], lm["ce_zero"]),
+        "kl_div_score": kl_div_score(lm["kl_sae"], lm["kl_zero"]),
+        "eval_tokens": stats.n,
+        "norm_factor": float(norm_factor),
+    }
+    return out, stats.density()
 
 
 @torch.no_grad()
@@ -49,43 +270,6 @@ def evaluate_sae(
     norm_factor: float,
     specials: list[int],
     batch_size: int = 8,
-) -> dict[str, float]:
-    device = next(model.parameters()).device
-    xs, xh, fs = [], [], []
-    ce = {"clean": 0.0, "sae": 0.0, "zero": 0.0}
-    n_tok = 0
-    for start in range(0, blocks.shape[0], batch_size):
-        ids = blocks[start : start + batch_size].to(device)
-        valid = valid_mask(ids, specials)
-        h = layer_activations(model, ids, layer)[valid].float() / norm_factor
-        f = sae.encode(h)
-        xs.append(h.cpu())
-        xh.append(sae.decode(f).cpu())
-        fs.append(f.cpu())
-
-        def patch(out: Tensor, use_sae: bool, valid: Tensor = valid) -> Tensor:
-            new = torch.zeros_like(out, dtype=torch.float32)
-            if use_sae:
-                flat = out.float()[valid] / norm_factor
-                new[valid] = sae.decode(sae.encode(flat)) * norm_factor
-            # BOS/pad keep their clean activation, as SAEBench's exclude_special_tokens does.
-            return torch.where(valid[..., None], new, out.float()).to(out.dtype)
-
-        s, n = _mean_ce(model, ids, valid)
-        ce["clean"] += s
-        for key, use in (("sae", True), ("zero", False)):
-            with replace_layer_output(model, layer, lambda o, u=use: patch(o, u)):
-                ce[key] += _mean_ce(model, ids, valid)[0]
-        n_tok += n
-    x, x_hat, f = torch.cat(xs), torch.cat(xh), torch.cat(fs)
-    out = reconstruction_metrics(x, x_hat, f, sae.c)
-    ce = {k: v / max(n_tok, 1) for k, v in ce.items()}
-    out |= {
-        "ce_clean": ce["clean"],
-        "ce_sae": ce["sae"],
-        "ce_zero": ce["zero"],
-        "ce_loss_score": ce_loss_score(ce["clean"], ce["sae"], ce["zero"]),
-        "frac_alive": float(((f > 0).sum(0) > 0).float().mean()),
-        "eval_tokens": int(x.shape[0]),
-    }
-    return out
+) -> dict:
+    """SAEBench core metrics of ``sae`` on ``blocks`` (JSON-ready: scalars and one histogram)."""
+    return run_eval(model, sae, blocks, layer, norm_factor, specials, batch_size)[0]

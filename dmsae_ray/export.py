@@ -89,3 +89,10 @@ def write_saelens(
     save_file(saelens_tensors(sae, norm_factor), str(out_dir / "sae_weights.safetensors"))
     cfg_json = saelens_cfg(sae, cfg, cycle, core_ids, norm_factor)
     (out_dir / "cfg.json").write_text(json.dumps(cfg_json, indent=2) + "\n")
+
+
+def write_sparsity(out_dir: Path, density: torch.Tensor) -> None:
+    """``sparsity.safetensors``: log10 of each latent's firing frequency + 1e-10 (SAELens)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log10 = torch.log10(density.detach().float().cpu() + 1e-10).contiguous()
+    save_file({"sparsity": log10}, str(out_dir / "sparsity.safetensors"))

@@ -15,7 +15,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from dmsae_ray.config import RunConfig, check_layer
+from dmsae_ray.config import ConfigError, RunConfig, check_layer
 from dmsae_ray.core import LatentId, core_vectors, jaccard, select_core, selection_counts
 from dmsae_ray.lm import num_layers_of
 from dmsae_ray.rundir import RunDir
@@ -47,6 +47,14 @@ class Backend(Protocol):
 def preflight(cfg: RunConfig) -> None:
     """Everything that can be checked before any work or any file is written."""
     check_layer(cfg, num_layers_of(cfg.model))
+    if cfg.distill.init_core is not None:
+        vectors, _ = RunDir(cfg.distill.init_core).load_distilled_core()
+        n_groups = len(cfg.sae.group_fractions)
+        if vectors.shape[1] + n_groups > cfg.sae.width:
+            raise ConfigError(
+                f"invalid config:\n  sae.width: {cfg.sae.width} is too small for the "
+                f"{vectors.shape[1]}-latent core of distill.init_core plus {n_groups} groups"
+            )
 
 
 def make_backend(cfg: RunConfig, rd: RunDir, log: Log) -> Backend:
@@ -62,9 +70,13 @@ def make_backend(cfg: RunConfig, rd: RunDir, log: Log) -> Backend:
 def norm_factor_of(cfg: RunConfig, backend: Backend, state: State) -> float:
     """Estimated once, in cycle 0, and reused: frozen core encoders need a fixed input scale."""
     nf = state.get()["norm_factor"]
+    if nf is None and cfg.distill.init_core is not None:
+        # An inherited core's frozen encoders only make sense in the scale they were trained in.
+        nf = RunDir(cfg.distill.init_core).load_state()["norm_factor"]
     if nf is None:
         state.set_stage("norm_factor")
         nf = backend.norm_factor() if cfg.sae.normalize_activations else 1.0
+    if state.get()["norm_factor"] is None:
         state.update(norm_factor=nf)
     return float(nf)
 
@@ -155,8 +167,11 @@ def finish(rd: RunDir, state: dict) -> None:
     )
 
 
-def run(cfg: RunConfig, log: Log = print) -> dict:
-    """Run (or resume) a distillation; returns the final state."""
+def run(
+    cfg: RunConfig, log: Log = print, on_cycle: Callable[[dict], None] | None = None
+) -> dict:
+    """Run (or resume) a distillation; returns the final state. ``on_cycle`` gets each cycle's
+    summary once it is committed (a sweep reports it to Ray Tune)."""
     preflight(cfg)
     rd = RunDir(cfg.run_dir)
     if rd.load_state()["status"] == "completed":
@@ -170,12 +185,19 @@ def run(cfg: RunConfig, log: Log = print) -> dict:
         # Only now, with model and data known to load, does the run directory come into being.
         cfg = rd.init(cfg)
         state = backend.open_state()
-        return _loop(cfg, rd, backend, state, log)
+        return _loop(cfg, rd, backend, state, log, on_cycle)
     finally:
         backend.close()
 
 
-def _loop(cfg: RunConfig, rd: RunDir, backend: Backend, state: State, log: Log) -> dict:
+def _loop(
+    cfg: RunConfig,
+    rd: RunDir,
+    backend: Backend,
+    state: State,
+    log: Log,
+    on_cycle: Callable[[dict], None] | None = None,
+) -> dict:
     start = state.get()["cycle"]
     if start:
         log(f"resuming {rd.root} after cycle {start - 1}")
@@ -187,6 +209,8 @@ def _loop(cfg: RunConfig, rd: RunDir, backend: Backend, state: State, log: Log) 
             summary["seconds"] = time.time() - t0
             state.commit_cycle(summary)
             log(format_summary(summary))
+            if on_cycle is not None:
+                on_cycle(summary)
         finish(rd, state.get())
         final = state.update(status="completed", stage=None)
     except KeyboardInterrupt:

@@ -120,3 +120,19 @@ def test_changed_config_on_an_existing_run_is_refused(tiny_dir, finished_run):
     cfg = validate(tiny_config(tiny_dir, run_dir, distill={"tau": 0.5}))
     with pytest.raises(ConfigError, match="distill.tau"):
         pipeline.run(cfg)
+
+
+def test_core_wider_than_the_sae_is_rejected(tiny_dir, finished_run, tmp_path):
+    core_run, _, _ = finished_run
+    n = len(json.loads((core_run / "core" / "core.json").read_text())["ids"])
+    cfg = validate(
+        tiny_config(
+            tiny_dir,
+            tmp_path / "w",
+            sae={"width": n + 2, "k": 1},
+            distill={"init_core": str(core_run), "cycles": 0},
+        )
+    )
+    with pytest.raises(ConfigError, match="sae.width"):
+        pipeline.run(cfg)
+    assert not (tmp_path / "w").exists()

@@ -82,10 +82,17 @@ def test_resume_after_the_driver_is_killed(ray_head, tiny_dir, tmp_path):
     proc = _cli(path, env)
     state_path = run_dir / "state.json"
     deadline = time.time() + 600
+    live = None
     while time.time() < deadline and proc.poll() is None:
-        if state_path.is_file() and json.loads(state_path.read_text())["cycle"] >= 2:
+        cycle = json.loads(state_path.read_text())["cycle"] if state_path.is_file() else 0
+        if cycle >= 2:
             break
+        if cycle == 1 and live is None:
+            # the coordinator answers while a cycle runs
+            actor = ray.get_actor(coordinator_name(run_dir), namespace=NAMESPACE)
+            live = ray.get(actor.get.remote(), timeout=30)
         time.sleep(0.2)
+    assert live is not None and live["status"] == "running" and live["cycle"] >= 1
     proc.send_signal(signal.SIGKILL)  # no chance to clean up: a crashed driver
     proc.wait()
     state = json.loads(state_path.read_text())

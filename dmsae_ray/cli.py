@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -19,8 +20,14 @@ only those latents' encoder vectors into the next cycle.
 
 subcommands:
   run      run or resume a distillation (no arguments: the embedded default, stories15M)
-  status   show the state of a run directory
+  status   show the state of a run directory (--address: live, from its coordinator actor)
   config   print the effective config (embedded default, or a file plus overrides)
+  serve    the REST service: submit, watch, stop distillations as Ray jobs
+  sweep    one distillation per grid point (e.g. tau x k) as Ray Tune trials, with a summary
+  transfer final SAEs with the distilled core vs a plain Matryoshka and a random core, per k
+  report   summary.md + plots of a run (core sizes, origins, Jaccard; transfer curves)
+  export   a run's SAEs as SAELens folders (--hub-layout: ready to push to the HF hub)
+  inspect  top-activating token contexts of (core) latents
 """
 
 RUN_EPILOG = """\
@@ -56,8 +63,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     from dmsae_ray.pipeline import run
 
     cfg = _config(args)
-    state = run(cfg)
+    # `ray job stop` sends SIGTERM: end like Ctrl-C so the state says "stopped", not "running".
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        state = run(cfg)
+    except KeyboardInterrupt:
+        print("stopped; run the same command again to resume", file=sys.stderr)
+        return 130
     return 0 if state["status"] == "completed" else 1
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def cmd_config(args: argparse.Namespace) -> int:
@@ -72,11 +89,18 @@ def cmd_status(args: argparse.Namespace) -> int:
     if not rd.config_path.is_file():
         print(f"error: {rd.root} is not a run directory (no config.json)", file=sys.stderr)
         return 2
-    state = rd.load_state()
+    state = _live_state(rd, args.address) if args.address else rd.load_state()
     if args.json:
         print(json.dumps(state, indent=2))
         return 0
     print(f"{rd.root}: {state['status']}, cycle {state['cycle']}, stage {state['stage']}")
+    progress = state.get("progress") or {}
+    if "tokens_done" in progress and "tokens_total" in progress:
+        eta = progress.get("eta_s")
+        print(
+            f"  {progress['tokens_done']}/{progress['tokens_total']} tokens"
+            + (f", ETA {eta:.0f} s" if eta is not None else "")
+        )
     if state.get("error"):
         print(f"  error: {state['error']}")
     for s in state["cycles"]:
@@ -86,6 +110,84 @@ def cmd_status(args: argparse.Namespace) -> int:
             f"  cycle {s['cycle']}: core {s['core_in']} -> {s['core_size']}, jaccard {jac}, "
             f"L0 {ev['l0']:.1f}, FVE {ev['explained_variance']:.3f}"
         )
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from dmsae_ray.tuning import main as sweep_main
+
+    # As for `dmsae run`: `ray job stop` ends the sweep as "stopped"; rerunning resumes it.
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        return sweep_main(args)
+    except KeyboardInterrupt:
+        print("stopped; run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from api.server import serve
+
+    return serve(
+        host=args.host, port=args.port, ray_address=args.ray_address, runs_root=args.runs_root,
+        token_file=args.token_file, max_active_runs=args.max_active_runs,
+    )
+
+
+def _live_state(rd, address: str) -> dict:
+    """Ask the run's coordinator actor (fresh progress while a cycle runs); fall back to the
+    state file when the run has no live coordinator."""
+    import ray
+
+    from dmsae_ray.coordinator import get_coordinator
+
+    ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+    try:
+        return ray.get(get_coordinator(rd.root, create=False).get.remote(), timeout=30)
+    except ValueError:  # no such actor: the run is not active
+        return rd.load_state()
+    finally:
+        ray.shutdown()
+
+
+def cmd_transfer(args: argparse.Namespace) -> int:
+    from dmsae_ray.transfer import parse_ks, run_transfer, summarize
+
+    rows = run_transfer(
+        args.core, parse_ks(args.k), out=args.out, config=args.config, overrides=args.set,
+        variants=tuple(v for v in args.variants.split(",") if v), seed=args.seed,
+    )
+    print(summarize(rows))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from dmsae_ray.report import build_report
+
+    files = build_report(args.run_dir, transfer=args.transfer, out=args.out)
+    print(f"{files['summary']} ({len(files) - 1} plots)")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from dmsae_ray.export_run import export_run
+
+    export_run(
+        args.run_dir, args.out, cycle=args.cycle, hub_layout=args.hub_layout,
+        sparsity=not args.no_sparsity, repo_id=args.repo_id,
+    )
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from dmsae_ray.inspect_latents import format_latents, inspect_latents
+
+    latents = [s for spec in args.latent for s in spec.split(",") if s] or None
+    results = inspect_latents(
+        args.run_dir, latents, cycle=args.cycle, top=args.top, window=args.window,
+        source=args.source,
+    )
+    print(json.dumps(results, indent=2) if args.json else format_latents(results))
     return 0
 
 
@@ -103,10 +205,64 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="state of a run directory")
     p.add_argument("run_dir", type=Path)
     p.add_argument("--json", action="store_true", help="print the raw state.json")
+    p.add_argument(
+        "--address", help="Ray cluster (e.g. auto): ask the run's live coordinator actor"
+    )
     p.set_defaults(fn=cmd_status)
     p = sub.add_parser("config", help="print the effective config")
     _add_config_args(p)
     p.set_defaults(fn=cmd_config)
+    p = sub.add_parser("serve", help="REST service: runs as Ray jobs (see README.md)")
+    p.add_argument("--host", default="127.0.0.1", help="without a token: loopback only")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--ray-address", help="Ray dashboard URL (default: $RAY_ADDRESS)")
+    p.add_argument("--runs-root", default="runs/api", help="run dirs; runs DB next to it")
+    p.add_argument("--token-file", help="bearer token file (default: $DMSAE_API_TOKEN)")
+    p.add_argument("--max-active-runs", type=int, default=4, help="429 beyond this")
+    p.set_defaults(fn=cmd_serve)
+    from dmsae_ray.tuning import SWEEP_HELP, add_arguments
+
+    p = sub.add_parser(
+        "sweep", help="sweep tau, k, ... as Ray Tune trials", description=SWEEP_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_arguments(p)
+    p.set_defaults(fn=cmd_sweep)
+    p = sub.add_parser("transfer", help="distilled core vs baseline vs random core, per k")
+    p.add_argument("--core", required=True, type=Path, help="run dir holding the distilled core")
+    p.add_argument("--k", default="20,40,80,160,320,640", help="comma-separated k values")
+    p.add_argument("--config", "-c", help="config of the final SAEs (default: the core run's)")
+    p.add_argument("--set", "-s", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one key of that config (repeatable)")
+    p.add_argument("--out", type=Path, help="runs and tables (default: CORE/transfer)")
+    p.add_argument("--variants", default="distilled,baseline,random", help="which rows to train")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random-core draw")
+    p.set_defaults(fn=cmd_transfer)
+    p = sub.add_parser("report", help="summary.md + plots of a run (RUN_DIR/report/)")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--transfer", type=Path, help="transfer.csv (default: RUN_DIR/transfer/)")
+    p.add_argument("--out", type=Path, help="default: RUN_DIR/report")
+    p.set_defaults(fn=cmd_report)
+    p = sub.add_parser("export", help="SAELens folders of a run's SAEs")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--cycle", default="final", help="a cycle number, final (default) or all")
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--hub-layout", action="store_true", help="one folder per SAE id + README")
+    p.add_argument("--repo-id", help="HF repo id for the model card's loading example")
+    p.add_argument("--no-sparsity", action="store_true",
+                   help="skip the eval pass that writes sparsity.safetensors (no LM needed)")
+    p.set_defaults(fn=cmd_export)
+    p = sub.add_parser("inspect", help="top-activating contexts of latents")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--latent", action="append", default=[],
+                   help="index or persistent id cycle:index, comma-separated or repeated "
+                   "(default: the core selected from the cycle)")
+    p.add_argument("--cycle", default="final", help="a cycle number or final (default)")
+    p.add_argument("--top", type=int, default=10)
+    p.add_argument("--window", type=int, default=8, help="tokens of context on each side")
+    p.add_argument("--source", default="heldout", choices=["heldout", "eval", "attribution"])
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_inspect)
     return parser
 
 
@@ -114,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except (ConfigError, FileNotFoundError) as err:
+    except ConfigError as err:
         # Bad input: one clear line, no traceback; nothing of the run directory is lost.
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -1,0 +1,336 @@
+"""Sweeps with real Ray Tune on the session's real local Ray cluster: a tau grid on the tiny
+model finishes with a summary read back from its runs; a sweep resumes without rerunning
+finished trials (outputs deleted; driver killed mid-way, Tune experiment restored); bad grids
+are refused before anything runs; `POST /v1/sweeps` runs a sweep as a Ray job.
+
+Trials run with `ray.enabled: false` (each distillation inside its Tune trial's process):
+Tune, its trials and their reports are real; only the stages stay out of Ray Train, which
+test_ray_pipeline.py covers."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import tiny_config
+
+from dmsae_ray import cli
+from dmsae_ray.config import ConfigError, validate
+from dmsae_ray.tuning import (
+    PLOT_CORE,
+    PLOT_JACCARD,
+    SUMMARY_CSV,
+    SUMMARY_JSON,
+    SUMMARY_MD,
+    SweepError,
+    SweepSpec,
+    load_sweep,
+    plan_sweep,
+    run_sweep,
+)
+
+PNG = b"\x89PNG\r\n\x1a\n"
+METRICS = ("core_size", "fraction", "jaccard")
+EVAL = ("l0", "core_l0", "explained_variance", "ce_loss_score")
+
+
+def base_config(tiny_dir, tmp: Path, **sections) -> dict:
+    sections = {"distill": {"cycles": 1}} | sections
+    return tiny_config(tiny_dir, tmp / "unused-run-dir", **sections)
+
+
+def mtime(run_dir: Path, cycle: int = 0) -> int:
+    return (run_dir / "cycles" / f"{cycle:03d}" / "core.json").stat().st_mtime_ns
+
+
+def state_of(run_dir: Path) -> dict:
+    return json.loads((run_dir / "state.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def grid_sweep(ray_head, tiny_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("sweep")
+    base = validate(base_config(tiny_dir, tmp))
+    spec = SweepSpec(grid={"distill.tau": [0.5, 0.9], "sae.k": [8]}, max_concurrent_trials=2)
+    plan = plan_sweep(base, spec, tmp / "tau")
+    lines: list[str] = []
+    t0 = time.time()
+    outcome = run_sweep(plan, log=lines.append)
+    return plan, outcome, lines, time.time() - t0
+
+
+def test_grid_sweep_summary_comes_from_the_runs(grid_sweep):
+    plan, outcome, lines, _ = grid_sweep
+    assert outcome.ok and outcome.skipped == [] and len(outcome.launched) == 2
+    assert outcome.experiment is not None and outcome.experiment.parent == plan.sweep_dir
+    sweep_dir = plan.sweep_dir
+    with open(sweep_dir / SUMMARY_CSV) as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 2
+    assert sorted(float(r["distill.tau"]) for r in rows) == [0.5, 0.9]
+    for row in rows:
+        run_dir = sweep_dir / row["run_dir"]
+        assert run_dir.parent == sweep_dir / "trials"
+        state = state_of(run_dir)
+        assert row["status"] == state["status"] == "completed"
+        assert int(row["cycles"]) == len(state["cycles"]) == 2
+        last = state["cycles"][-1]
+        for key in METRICS:
+            assert float(row[key]) == pytest.approx(last[key], rel=1e-9)
+        for key in EVAL:
+            assert float(row[key]) == pytest.approx(last["eval"][key], rel=1e-9)
+        core = json.loads((run_dir / "core" / "core.json").read_text())
+        every = set.intersection(*({tuple(i) for i in h} for h in core["history"]))
+        assert int(row["selected_every_cycle"]) == len(every)
+        assert int(row["sae.k"]) == 8 and json.loads((run_dir / "config.json").read_text())[
+            "distill"]["tau"] == float(row["distill.tau"])
+    # the smaller tau keeps the smaller (or equal) core
+    by_tau = {float(r["distill.tau"]): int(r["core_size"]) for r in rows}
+    assert by_tau[0.5] <= by_tau[0.9]
+    summary = json.loads((sweep_dir / SUMMARY_JSON).read_text())
+    assert summary["counts"] == {"completed": 2}
+    assert all(len(c) == 2 for c in summary["cycles"].values())
+    md = (sweep_dir / SUMMARY_MD).read_text()
+    assert all(f"| {r['trial']} | {r['distill.tau']} | 8 | completed |" in md for r in rows)
+    for plot in (PLOT_CORE, PLOT_JACCARD):
+        assert (sweep_dir / plot).read_bytes()[:8] == PNG
+    # Tune got one report per committed cycle, then the final one with the stability count
+    for result in outcome.results:
+        name = result.config["trial"]["name"]
+        state = state_of(sweep_dir / "trials" / name)
+        df = result.metrics_dataframe
+        per_cycle = df[df["final"].isna()] if "final" in df else df
+        assert list(per_cycle["cycle"]) == [0, 1]
+        assert list(per_cycle["core_size"]) == [c["core_size"] for c in state["cycles"]]
+        assert result.metrics["final"] == 1
+        assert result.metrics["jaccard"] == pytest.approx(state["cycles"][1]["jaccard"])
+        row = next(r for r in rows if r["trial"] == name)
+        assert result.metrics["selected_every_cycle"] == int(row["selected_every_cycle"])
+    assert any("2 to run" in ln for ln in lines)
+
+
+def test_rerun_skips_finished_trials_and_redoes_deleted_ones(grid_sweep):
+    plan, first, _, _ = grid_sweep
+    kept, deleted = (t.run_dir for t in plan.trials)
+    kept_mtime = mtime(kept)
+    before = json.loads((plan.sweep_dir / SUMMARY_JSON).read_text())["rows"]
+    shutil.rmtree(deleted)
+
+    outcome = run_sweep(plan, log=lambda s: None)
+    assert outcome.skipped == [kept.name] and outcome.launched == [deleted.name]
+    assert mtime(kept) == kept_mtime  # not recomputed
+    assert state_of(deleted)["status"] == "completed"
+    redone = mtime(deleted)
+    after = outcome.summary["rows"]
+    assert [r["trial"] for r in after] == [r["trial"] for r in before]
+    assert all(r["status"] == "completed" for r in after)
+    # the redone trial is the same computation (seeded, one process): same core
+    assert after[1]["core_size"] == before[1]["core_size"]
+
+    # everything complete: nothing is launched at all, the summary is rewritten
+    again = run_sweep(plan, log=lambda s: None)
+    assert again.launched == [] and again.results is None and again.ok
+    assert mtime(kept) == kept_mtime and mtime(deleted) == redone
+
+
+def _started(trials: Path) -> dict[str, str]:
+    """Trials whose run has begun (state.json written), with their status."""
+    return {d.name: state_of(d)["status"] for d in trials.glob("*") if (d / "state.json").exists()}
+
+
+def _kill_when(cmd: list[str], env: dict, ready: Callable[[], bool]) -> str:
+    """Start the sweep CLI, SIGKILL it (no cleanup: a crashed driver) once ``ready()``."""
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+        start_new_session=True,
+    )
+    # Drain the output as it comes: a full pipe would block the driver.
+    chunks: list[str] = []
+    reader = threading.Thread(target=lambda: chunks.extend(proc.stdout), daemon=True)
+    reader.start()
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not ready():
+        time.sleep(0.1)
+    alive = proc.poll() is None
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    reader.join(10)
+    out = "".join(chunks)
+    assert alive and ready(), out[-4000:]
+    return out
+
+
+def test_killed_sweep_resumes_without_rerunning_finished_trials(ray_head, tiny_dir, tmp_path):
+    config = tmp_path / "base.yaml"
+    cfg = base_config(tiny_dir, tmp_path)
+    # One trial at a time: the second starts only once the first has completed, so "the
+    # second has begun" is a deterministic moment to kill at.
+    cfg["sweep"] = {"grid": {"distill.tau": [0.6, 0.8]}, "max_concurrent_trials": 1}
+    config.write_text(yaml.safe_dump(cfg))
+    sweep_dir = tmp_path / "killed"
+    trials = sweep_dir / "trials"
+    env = os.environ | {"RAY_ADDRESS": ray_head["address"]}
+    cmd = [
+        sys.executable, "-m", "dmsae_ray.cli", "sweep", "--config", str(config),
+        "--sweep-dir", str(sweep_dir),
+    ]
+
+    # 1. killed while the first trial runs: nothing finished, the same two trials are open,
+    #    so the rerun restores Tune's own experiment
+    _kill_when(cmd, env, lambda: len(_started(trials)) == 1)
+    assert "completed" not in _started(trials).values()
+    time.sleep(2)  # the dead driver's trial actors are torn down by Ray
+    # 2. the rerun is killed as soon as the second trial begins: the first is complete
+    out = _kill_when(cmd, env, lambda: len(_started(trials)) == 2)
+    assert "0 already complete, 2 to run" in out and "restoring the Tune experiment" in out
+    status = _started(trials)
+    (finished,) = (trials / n for n, s in status.items() if s == "completed")
+    finished_mtime = mtime(finished)
+    time.sleep(2)
+
+    # 3. the next rerun launches only the unfinished trial
+    rerun = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    log = rerun.stdout + rerun.stderr
+    assert rerun.returncode == 0, log[-4000:]
+    assert "1 already complete, 1 to run" in log
+    assert mtime(finished) == finished_mtime  # not recomputed
+    assert f"[{finished.name}]" not in log  # not even launched (no line of its trial)
+    rows = list(csv.DictReader(open(sweep_dir / SUMMARY_CSV)))
+    assert len(rows) == 2 and all(r["status"] == "completed" for r in rows)
+    assert json.loads((sweep_dir / "state.json").read_text())["status"] == "completed"
+
+
+@pytest.mark.parametrize(
+    "args, field",
+    [
+        (["--grid", "sae.kk=8,16"], "sweep.grid.sae.kk: unknown config key"),
+        (["--tau", "0.5,1.5"], "sweep.grid.distill.tau: 1.5 is invalid"),
+        (["--tau", ""], "sweep.grid.distill.tau: empty list"),
+        ([], "sweep: empty search space"),
+        (["--grid", "run_dir=a,b"], "sweep.grid.run_dir"),
+        (["--k", "8,300"], "sweep.grid.sae.k: 300 is invalid"),
+        (["--tau", "0.5", "--num-samples", "0"], "sweep.num_samples"),
+    ],
+)
+def test_invalid_grid_is_refused_before_anything_runs(
+    tiny_dir, tmp_path, capsys, args, field
+):
+    config = tmp_path / "base.yaml"
+    config.write_text(yaml.safe_dump(base_config(tiny_dir, tmp_path)))
+    sweep_dir = tmp_path / "never"
+    t0 = time.time()
+    code = cli.main(["sweep", "--config", str(config), "--sweep-dir", str(sweep_dir), *args])
+    err = capsys.readouterr().err
+    assert code == 2 and "invalid sweep" in err and field in err, err
+    assert not sweep_dir.exists() and time.time() - t0 < 30
+
+
+def test_invalid_sweep_section_names_the_field(tiny_dir, tmp_path):
+    config = tmp_path / "base.yaml"
+    cfg = base_config(tiny_dir, tmp_path)
+    cfg["sweep"] = {
+        "grid": {"distill": {"tau": [0.5, 1.5]}, "sae.k": []},
+        "random": {"train.lr": {"loguniform": [0, 1]}, "train.nope": {"choice": [1]}},
+    }
+    config.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(SweepError) as exc:
+        load_sweep(config, sweep_dir=tmp_path / "never")
+    fields = {".".join(loc) for loc, _ in exc.value.errors}
+    assert fields == {
+        "sweep.grid.distill.tau", "sweep.grid.sae.k", "sweep.random.train.lr",
+        "sweep.random.train.nope",
+    }
+    assert isinstance(exc.value, ConfigError) and not (tmp_path / "never").exists()
+    cfg["sweep"] = {"gird": {"distill.tau": [0.5]}}
+    config.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(SweepError, match="sweep.gird: unknown sweep option"):
+        load_sweep(config)
+
+
+def test_random_knobs_are_sampled_reproducibly(tiny_dir, tmp_path):
+    base = validate(base_config(tiny_dir, tmp_path))
+    spec = SweepSpec(
+        grid={"distill.tau": [0.5, 0.9]},
+        random={"train.lr": {"loguniform": [1e-4, 1e-2]}, "attribution.pooling": {
+            "choice": ["quantile", "mean"]}},
+        num_samples=3,
+    )
+    a = plan_sweep(base, spec, tmp_path / "s")
+    b = plan_sweep(base, spec, tmp_path / "s")
+    assert [t.name for t in a.trials] == [t.name for t in b.trials] and len(a.trials) == 6
+    assert all(1e-4 <= t.params["train.lr"] <= 1e-2 for t in a.trials)
+    # a grid that grows keeps the earlier points' draws, hence their finished runs
+    grown = plan_sweep(
+        base, spec.model_copy(update={"grid": {"distill.tau": [0.5, 0.9, 0.7]}}), tmp_path / "s"
+    )
+    assert {t.name for t in a.trials} <= {t.name for t in grown.trials}
+    assert all(t.config.run_dir == str(tmp_path / "s" / "trials" / t.name) for t in a.trials)
+
+
+def test_rest_sweep_as_a_ray_job(ray_head, tiny_dir, tmp_path, monkeypatch):
+    from fastapi.testclient import TestClient
+
+    from api.app import Settings, create_app
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    token = "sweep-token"
+    app = create_app(
+        Settings(runs_root=tmp_path / "api", ray_address=ray_head["dashboard"], token=token)
+    )
+    client = TestClient(app)
+    auth = {"Authorization": f"Bearer {token}"}
+    body = base_config(tiny_dir, tmp_path, distill={"cycles": 0})
+    body.pop("run_dir")
+    body["sweep"] = {"grid": {"distill.tau": [0.5, 1.5]}}
+
+    assert client.post("/v1/sweeps", json=body).status_code == 401
+    r = client.post("/v1/sweeps", json=body, headers=auth)
+    assert r.status_code == 422
+    assert [e["field"] for e in r.json()["detail"]] == ["sweep.grid.distill.tau"]
+    r = client.post("/v1/sweeps", json=body | {"sweep": {"grid": {"sae.kk": [1]}}}, headers=auth)
+    assert r.status_code == 422 and r.json()["detail"][0]["field"] == "sweep.grid.sae.kk"
+    r = client.post("/v1/sweeps", json=body | {"run_dir": "/tmp/x"}, headers=auth)
+    assert r.status_code == 422 and r.json()["detail"][0]["field"] == "run_dir"
+    assert not (tmp_path / "api-sweeps").exists() or not any((tmp_path / "api-sweeps").iterdir())
+
+    body["sweep"] = {"grid": {"distill.tau": [0.5, 0.9]}, "max_concurrent_trials": 2}
+    r = client.post("/v1/sweeps", json=body, headers=auth)
+    assert r.status_code == 201, r.text
+    sweep = r.json()
+    assert r.headers["Location"] == f"/v1/sweeps/{sweep['id']}" and sweep["trials"] == 2
+    assert sweep["status"] in ("pending", "running")
+    deadline = time.time() + 400
+    while sweep["status"] not in ("completed", "failed", "stopped"):
+        assert time.time() < deadline, sweep
+        time.sleep(2)
+        sweep = client.get(f"/v1/sweeps/{sweep['id']}", headers=auth).json()
+    logs = client.app.state.sweeps.jobs.logs(sweep["ray_job_id"]) or ""
+    assert sweep["status"] == "completed", (sweep, logs[-3000:])
+    listed = client.get("/v1/sweeps", headers=auth).json()
+    assert [s["id"] for s in listed["items"]] == [sweep["id"]] and listed["total"] == 1
+    summary = client.get(f"/v1/sweeps/{sweep['id']}/summary", headers=auth).json()
+    assert len(summary["rows"]) == 2
+    sweep_dir = tmp_path / "api-sweeps" / sweep["id"]
+    for row in summary["rows"]:
+        state = state_of(sweep_dir / row["run_dir"])
+        assert row["status"] == "completed"
+        assert row["core_size"] == state["cycles"][-1]["core_size"]
+        assert row["explained_variance"] == state["cycles"][-1]["eval"]["explained_variance"]
+    r = client.get(f"/v1/sweeps/{sweep['id']}/artifacts/{PLOT_CORE}", headers=auth)
+    assert r.status_code == 200 and r.content[:8] == PNG
+    r = client.get(f"/v1/sweeps/{sweep['id']}/artifacts/summary.csv", headers=auth)
+    assert r.status_code == 200 and r.text.count("\n") == 3
+    assert client.get("/v1/sweeps/0123456789ab", headers=auth).status_code == 404
+    r = client.get(f"/v1/sweeps/{sweep['id']}/artifacts/../x", headers=auth)
+    assert r.status_code in (400, 404)

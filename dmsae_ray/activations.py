@@ -85,7 +85,7 @@ class ActivationWorker:
 
 def activation_dataset(cfg: RunConfig, tokens_dir: Path, specials: list[int]) -> ray.data.Dataset:
     use_gpu = cfg.ray.use_gpu
-    return ray.data.read_parquet(str(tokens_dir)).map_batches(
+    return ray.data.read_parquet(str(tokens_dir), partitioning=None).map_batches(
         ActivationWorker,
         fn_constructor_kwargs={
             "model": cfg.model.model_dump(), "layer": cfg.model.layer, "specials": specials,
@@ -106,4 +106,5 @@ def cached_dataset(ds: ray.data.Dataset, cache_dir: Path, log: Callable[[str], N
         log(f"caching activations -> {cache_dir}")
         ds.write_parquet(str(tmp))
         os.replace(tmp, cache_dir)
-    return ray.data.read_parquet(str(cache_dir))
+    # partitioning=None: a run_dir like runs/tau=0.5 is not a hive partition column
+    return ray.data.read_parquet(str(cache_dir), partitioning=None)

@@ -30,7 +30,7 @@ def connect(cfg: RayConfig) -> None:
         ray.init(
             num_cpus=max(4, os.cpu_count() or 1),
             include_dashboard=False,
-            _temp_dir=os.environ.get("DMSAE_RAY_TMP", "/tmp/dmsae_ray"),
+            _temp_dir=os.environ.get("DMSAE_RAY_TMP", "/tmp/ray_dmsae"),
         )
     if callable(handler) and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, handler)

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -80,41 +81,39 @@ def tiny_config(tiny_dir: dict[str, Path], run_dir: Path, **sections) -> dict:
     return cfg
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
+def free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
 
 
 @pytest.fixture(scope="session")
-def ray_head():
+def ray_head(tmp_path_factory):
     """One real local Ray cluster for the whole session (`ray start --head --block`), with the
-    job server, so tests can both ray.init() against it and submit jobs to it."""
+    job server, so tests can both ray.init() against it and submit jobs to it. Every port is
+    chosen free (another Ray cluster may run on this machine), and it is shut down by SIGTERM
+    to its own process, never `ray stop` (which kills every Ray process of the machine)."""
     import ray
 
-    port, dash = _free_port(), _free_port()
-    temp = "/tmp/rt_ci"  # AF_UNIX paths must stay short
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "ray.scripts.scripts",
-            "start",
-            "--head",
-            "--block",
-            f"--port={port}",
-            f"--dashboard-port={dash}",
-            "--dashboard-host=127.0.0.1",
-            "--include-dashboard=true",
-            "--num-cpus=4",
-            "--num-gpus=0",
-            f"--temp-dir={temp}",
-            f"--object-store-memory={400 * 2**20}",
-            "--disable-usage-stats",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    gcs, dash, client, agent_http, agent_grpc, renv, metrics, nm, om = free_ports(9)
+    log = tmp_path_factory.mktemp("ray") / "ray_start.log"
+    cmd = [
+        sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block",
+        f"--port={gcs}", f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1",
+        "--include-dashboard=true", "--num-cpus=4", "--num-gpus=0",
+        "--temp-dir=/tmp/rt_ci",  # AF_UNIX socket paths must stay short
+        "--node-ip-address=127.0.0.1", f"--object-store-memory={400 * 2**20}",
+        f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent_http}",
+        f"--dashboard-agent-grpc-port={agent_grpc}", f"--runtime-env-agent-port={renv}",
+        f"--metrics-export-port={metrics}", f"--node-manager-port={nm}",
+        f"--object-manager-port={om}", "--disable-usage-stats",
+    ]
+    with log.open("w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     dashboard = f"http://127.0.0.1:{dash}"
     deadline = time.time() + 120
     while True:
@@ -124,15 +123,17 @@ def ray_head():
         except OSError:
             if proc.poll() is not None or time.time() > deadline:
                 proc.kill()
-                raise RuntimeError("ray start --head did not come up") from None
+                raise RuntimeError(f"ray start --head failed:\n{log.read_text()[-3000:]}") from None
             time.sleep(1)
-    ray.init(address=f"127.0.0.1:{port}")
+    address = f"127.0.0.1:{gcs}"
+    ray.init(address=address)
     try:
-        yield {"address": f"127.0.0.1:{port}", "dashboard": dashboard}
+        yield {"address": address, "dashboard": dashboard}
     finally:
         ray.shutdown()
         proc.terminate()
         try:
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)  # its own session: only what it started
+            proc.wait(10)

@@ -9,7 +9,6 @@ import http.client
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -19,10 +18,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import tiny_config
+from conftest import free_ports, tiny_config
 
 TOKEN = "test-token-0123456789abcdef"
-TEMP_DIR = "/tmp/rt_api"  # short: Ray's AF_UNIX socket paths must stay under 107 bytes
 ENV = {
     "RAY_AUTH_MODE": "disabled",  # no token auth between Ray clients and this cluster
     "RAY_USAGE_STATS_ENABLED": "0",
@@ -38,18 +36,6 @@ def _env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
            if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "DMSAE_API_TOKEN")}
     return env | ENV | extra
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def _wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float) -> None:
@@ -89,50 +75,9 @@ def monkeypatch_module() -> Iterator[pytest.MonkeyPatch]:
 
 
 @pytest.fixture(scope="module")
-def ray_cluster(tmp_path_factory, _ray_env) -> Iterator[str]:
-    """A private head node. Every port is chosen free (other Ray clusters may run on this
-    machine); it is shut down by SIGTERM to its `ray start --block` process, not `ray stop`,
-    which would kill every Ray process of the machine."""
-    (gcs, dash, client, agent_http, agent_grpc, renv, metrics, nm, om) = _free_ports(9)
-    log = tmp_path_factory.mktemp("ray") / "ray_start.log"
-    cmd = [
-        sys.executable,
-        "-m",
-        "ray.scripts.scripts",
-        "start",
-        "--head",
-        "--block",
-        f"--port={gcs}",
-        f"--dashboard-port={dash}",
-        "--dashboard-host=127.0.0.1",
-        "--include-dashboard=true",
-        "--num-cpus=4",
-        f"--temp-dir={TEMP_DIR}",
-        "--node-ip-address=127.0.0.1",
-        "--object-store-memory=300000000",
-        f"--ray-client-server-port={client}",
-        f"--dashboard-agent-listen-port={agent_http}",
-        f"--dashboard-agent-grpc-port={agent_grpc}",
-        f"--runtime-env-agent-port={renv}",
-        f"--metrics-export-port={metrics}",
-        f"--node-manager-port={nm}",
-        f"--object-manager-port={om}",
-        "--disable-usage-stats",
-    ]
-    with log.open("w") as out:
-        proc = subprocess.Popen(
-            cmd,
-            env=os.environ | ENV,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    url = f"http://127.0.0.1:{dash}"
-    try:
-        _wait_http(f"{url}/api/version", proc, log, timeout=120)
-        yield url
-    finally:
-        _terminate(proc)
+def ray_cluster(ray_head, _ray_env) -> str:
+    """The session's Ray cluster (conftest): its job server URL."""
+    return ray_head["dashboard"]
 
 
 class Server:
@@ -140,7 +85,7 @@ class Server:
 
     def __init__(self, ray_address: str, root: Path) -> None:
         self.ray_address, self.root = ray_address, root
-        self.port = _free_ports(1)[0]
+        self.port = free_ports(1)[0]
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
         self.log = root / "serve.log"

@@ -4,11 +4,18 @@ Latents ``[0, c)`` are the core: plain ReLU, encoder columns copied from the pre
 kept as a buffer so no optimiser can ever touch them. Latents ``[c, K)`` are non-core, split
 into nested Matryoshka groups and sparsified with a global BatchTopK.
 The SAE works in the normalised input scale (``x / norm_factor``); callers normalise.
+
+Training (``loss``) runs a sparse fast path by default: one dense encoder GEMM to find the
+BatchTopK selection, then every other product (decoder, nested levels, aux-k, and all backward
+products) touches only the selected latents, as CSR sparse-dense products. ``fast = False`` (or
+``loss_reference``) runs the plain dense reference the fast path is tested against
+(``tests/test_fast_path.py``); both give the same codes, reconstructions, loss and gradients.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -49,6 +56,240 @@ class EncodeOutput:
     min_selected: Tensor  # scalar: smallest positive selected non-core activation (or -1)
 
 
+@dataclass
+class SparseCodes:
+    """Codes of the fast path: the core dense, the selected non-core latents as sparse entries.
+
+    ``pattern`` holds the entries in row-major order (token, then latent) with columns relative
+    to the first non-core latent; ``cols`` are the absolute latent indices.
+    """
+
+    f_core: Tensor  # [B, c] core activations (dense: the core is small and ~half active)
+    pattern: SparsePattern  # [B, K - c] positions of the selected non-core latents
+    cols: Tensor  # [nnz] absolute latent index (>= c)
+    vals: Tensor  # [nnz] activation; 0 for slots beyond a dynamic budget (sync-free path)
+    pre_nc: Tensor  # [B, K - c] non-core pre-activations, no grad (selection and aux-k)
+    core_l0: Tensor
+    min_selected: Tensor
+
+    @property
+    def rows(self) -> Tensor:
+        return self.pattern.rows
+
+    def to_dense(self) -> Tensor:
+        """[B, K] codes, equal to ``encode_train(x).f``."""
+        f_nc = self.vals.new_zeros(self.pre_nc.shape)
+        f_nc = f_nc.index_put((self.pattern.rows, self.pattern.cols), self.vals)
+        return torch.cat([self.f_core.to(f_nc.dtype), f_nc], dim=1)
+
+
+# Below this many candidates an exact flat top-k is already cheap.
+_THRESHOLD_SELECT_MIN = 1 << 16
+_SAMPLE_TARGET = 1 << 18
+
+
+def batch_topk_positions(
+    flat: Tensor, budget: int, min_size: int = _THRESHOLD_SELECT_MIN
+) -> Tensor:
+    """Sorted flat positions of the ``budget`` largest entries of ``flat`` (exact top-k set).
+
+    On CPU ``flat.topk`` is a single-threaded selection over all B*K entries and costs about half
+    an encoder GEMM at K=16k. Instead: estimate a lower bound on the budget-th largest value from
+    a strided sample (with a 4-sigma margin), keep the entries above it (one vectorised pass) and
+    run the exact top-k on those few candidates. If the bound was too high the candidates are too
+    few and we fall back to the exact top-k, so the result never depends on the sample.
+    """
+    n = flat.numel()
+    if budget <= 0:
+        return torch.zeros(0, dtype=torch.long, device=flat.device)
+    if budget >= n:
+        return torch.arange(n, device=flat.device)
+    if n >= min_size and flat.device.type == "cpu":
+        stride = max(1, n // _SAMPLE_TARGET)
+        stride += 1 - stride % 2  # odd: a power-of-two row length then still covers every column
+        sample = flat[::stride]
+        m = sample.numel()
+        expected = budget / n * m
+        above = math.ceil(expected + 4 * math.sqrt(expected) + 16)
+        if above < m:
+            lower = sample.kthvalue(m - above + 1).values
+            cand = (flat >= lower).nonzero().squeeze(1)
+            if cand.numel() >= budget:
+                keep = flat[cand].topk(budget, sorted=False).indices
+                return cand[keep].sort().values
+    return flat.topk(budget, sorted=False).indices.sort().values
+
+
+_csr_warned = False
+
+
+def _csr(crow: Tensor, cols: Tensor, vals: Tensor, shape: tuple[int, int]) -> Tensor:
+    # Invariants hold by construction (sorted entries); checking them would sync on a GPU.
+    global _csr_warned
+    if _csr_warned:
+        return torch.sparse_csr_tensor(crow, cols, vals, shape, check_invariants=False)
+    # torch warns once per process that CSR support is "beta"; we use it knowingly. Only the
+    # first call needs the filter (a global filter would not survive pytest's warning capture).
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        out = torch.sparse_csr_tensor(crow, cols, vals, shape, check_invariants=False)
+    _csr_warned = True
+    return out
+
+
+def _wide(t: Tensor) -> Tensor:
+    """fp32 for half types (torch's sparse kernels do not take bf16); fp32/fp64 unchanged."""
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
+
+
+@dataclass
+class SparsePattern:
+    """Positions of sparse entries in an ``n_rows x n_cols`` matrix, in row-major order."""
+
+    crow: Tensor  # [n_rows + 1] CSR row pointer
+    rows: Tensor  # [nnz] row of each entry
+    cols: Tensor  # [nnz] column of each entry
+    n_cols: int
+    order: Tensor | None = None  # argsort of cols; computed once when first needed, shareable
+
+    @property
+    def n_rows(self) -> int:
+        return self.crow.numel() - 1
+
+    def csr(self, vals: Tensor) -> Tensor:
+        return _csr(self.crow, self.cols, vals, (self.n_rows, self.n_cols))
+
+    def column_order(self) -> Tensor:
+        if self.order is None:
+            self.order = torch.argsort(self.cols, stable=True)
+        return self.order
+
+    def transposed_mm(self, vals: Tensor, dense: Tensor) -> Tensor:
+        """S^T @ dense [n_cols, d] as an embedding_bag over the entries grouped by column.
+
+        On CPU this beats the CSR^T product by ~25-40% (each output row is written once).
+        """
+        order = self.column_order()
+        cols = self.cols[order]
+        offsets = torch.searchsorted(cols, torch.arange(self.n_cols, device=cols.device))
+        return nn.functional.embedding_bag(
+            self.rows[order], dense, offsets, mode="sum", per_sample_weights=vals[order]
+        )
+
+
+class _SparseDecode(torch.autograd.Function):
+    """out[r] = sum over the entries e of row r of vals[e] * W[cols[e]]: a CSR x dense product.
+
+    Backward stays sparse too: dW = S^T @ grad and dvals[e] = grad[row e] . W[col e], a sampled
+    dense-dense product (SDDMM), instead of the two dense [B, K] x [K, d]-sized products.
+    Runs outside autocast, in fp32 at least (torch's sparse kernels do not take bf16).
+    """
+
+    @staticmethod
+    def forward(ctx, vals: Tensor, weight: Tensor, pattern: SparsePattern) -> Tensor:
+        with torch.autocast(weight.device.type, enabled=False):
+            w = _wide(weight)
+            out = torch.sparse.mm(pattern.csr(vals.to(w.dtype)), w)
+        ctx.save_for_backward(vals, weight)
+        ctx.pattern = pattern
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        vals, weight = ctx.saved_tensors
+        pattern: SparsePattern = ctx.pattern
+        w = _wide(weight)
+        grad = grad.to(w.dtype).contiguous()
+        g_vals = g_w = None
+        with torch.autocast(weight.device.type, enabled=False):
+            if ctx.needs_input_grad[0]:
+                g_vals = torch.sparse.sampled_addmm(
+                    pattern.csr(vals.to(w.dtype)), grad, w.t(), beta=0.0
+                )
+                g_vals = g_vals.values().to(vals.dtype)
+            if ctx.needs_input_grad[1]:
+                g_w = pattern.transposed_mm(vals.to(w.dtype), grad).to(weight.dtype)
+        return g_vals, g_w, None
+
+
+class _SampledPre(torch.autograd.Function):
+    """Entries of pre = (x - b_dec) @ W + b at the pattern's positions, already computed by the
+    dense no-grad GEMM; the backward only touches those entries.
+
+    With g the entry gradients: dW = (x - b_dec)^T S_g, db = column sums of S_g and
+    db_dec = -W @ db. The last one is a mat-vec: the dense graph gets it from a full
+    [B, K] x [K, d] product for the input gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, values, x, b_dec, weight, bias, pattern: SparsePattern) -> Tensor:
+        ctx.save_for_backward(x, b_dec, weight)
+        ctx.pattern = pattern
+        return values.detach().clone()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, b_dec, weight = ctx.saved_tensors
+        pattern: SparsePattern = ctx.pattern
+        w = _wide(weight)
+        grad = grad.to(w.dtype)
+        g_x = g_bdec = g_w = g_b = None
+        with torch.autocast(weight.device.type, enabled=False):
+            col_sum = grad.new_zeros(pattern.n_cols).index_add_(0, pattern.cols, grad)
+            if ctx.needs_input_grad[1]:
+                g_x = torch.sparse.mm(pattern.csr(grad), w.t()).to(x.dtype)
+            if ctx.needs_input_grad[2]:
+                g_bdec = -(w @ col_sum).to(b_dec.dtype)
+            if ctx.needs_input_grad[3]:
+                xc = (x - b_dec).detach().to(w.dtype)
+                g_w = pattern.transposed_mm(grad, xc).t().to(weight.dtype)
+            if ctx.needs_input_grad[4]:
+                g_b = col_sum.to(weight.dtype)
+        return None, g_x, g_bdec, g_w, g_b, None
+
+
+class _NestedMSE(torch.autograd.Function):
+    """Mean squared error of every nested level, from the first residual and the group parts.
+
+    Level l's residual is r0 - (part_0 + ... + part_l), so one running residual updated in
+    place gives every level, and the backward runs the same recursion in reverse with a running
+    suffix sum of the level gradients. Autograd over a stacked [B, L, d] cumsum makes about
+    three times as many full passes over that tensor (the largest activation-sized one here).
+    Also returns the last residual (no grad) for aux-k.
+    """
+
+    @staticmethod
+    def forward(ctx, r0: Tensor, parts: Tensor, with_r0: bool):
+        n = r0.shape[0]
+        with torch.autocast(parts.device.type, enabled=False):
+            r = r0.detach().to(parts.dtype).clone()
+            mses = [torch.dot(r.view(-1), r.view(-1)) / n] if with_r0 else []
+            for g in range(parts.shape[1]):
+                r.sub_(parts[:, g])
+                mses.append(torch.dot(r.view(-1), r.view(-1)) / n)
+        ctx.save_for_backward(r, parts)
+        ctx.with_r0, ctx.r0_dtype = with_r0, r0.dtype
+        ctx.mark_non_differentiable(r)
+        return torch.stack(mses), r
+
+    @staticmethod
+    def backward(ctx, grad_mse: Tensor, _grad_r: Tensor):
+        r_last, parts = ctx.saved_tensors
+        n, n_groups = parts.shape[0], parts.shape[1]
+        coef = grad_mse.to(parts.dtype) * (2 / n)  # d mse_l / d r_l = 2 r_l / n
+        r = r_last.clone()
+        acc = torch.zeros_like(r)  # sum over levels m >= l of coef_m * r_m
+        grad_parts = torch.empty_like(parts)
+        first = 1 if ctx.with_r0 else 0
+        for g in reversed(range(n_groups)):
+            acc.addcmul_(r, coef[first + g])
+            torch.neg(acc, out=grad_parts[:, g])
+            r.add_(parts[:, g])
+        if ctx.with_r0:
+            acc.addcmul_(r, coef[0])
+        return acc.to(ctx.r0_dtype), grad_parts, None
+
+
 class MatryoshkaBatchTopKSAE(nn.Module):
     def __init__(
         self,
@@ -79,6 +320,10 @@ class MatryoshkaBatchTopKSAE(nn.Module):
         # Persistent latent ids: (cycle of origin, index in that cycle). Core rows keep theirs.
         self.register_buffer("origin_cycle", torch.full((width,), cycle, dtype=torch.long))
         self.register_buffer("origin_index", torch.arange(width, dtype=torch.long))
+        # Not state: how ``loss`` computes, never what it computes.
+        self.fast = True  # sparse fast path; False: the dense eager reference
+        # None: avoid the host sync of the dynamic budget on accelerators only (free on CPU).
+        self.sync_free_budget: bool | None = None
         self.reset_parameters()
 
     # -- initialisation -----------------------------------------------------------------
@@ -181,10 +426,165 @@ class MatryoshkaBatchTopKSAE(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.decode(self.encode(x))
 
+    # -- sparse fast path ---------------------------------------------------------------
+    def encode_sparse(self, x: Tensor) -> SparseCodes:
+        """``encode_train`` as sparse entries, with gradients like ``encode_train``'s."""
+        n = x.shape[0]
+        c, nc = self.c, self.width - self.c
+        xc = x - self.b_dec
+        if c:
+            f_core = torch.relu(xc @ self.W_enc_core + self.b_enc[:c])
+        else:
+            f_core = x.new_zeros(n, 0)
+        core_nnz = (f_core > 0).sum()
+        b_nc = self.b_enc[c:]
+        with torch.no_grad():
+            # ReLU is skipped: the top entries of pre and of ReLU(pre) are the same set up to
+            # zero-valued picks, which contribute neither values nor gradients.
+            pre_nc = torch.addmm(b_nc, xc.detach(), self.W_enc_nc)
+        flat = pre_nc.view(-1)
+        most = min(self.k * n, flat.numel())
+        keep = None
+        sync_free = self.sync_free_budget
+        if sync_free is None:
+            sync_free = x.device.type != "cpu"
+        if self.l0_budget == "dynamic" and sync_free:
+            # Select the static maximum and zero the ranks past k*B - nnz(core) on the device,
+            # so the budget never needs int() (a host sync) before the top-k.
+            _, idx = flat.topk(most, sorted=True)
+            budget = (self.k * n - core_nnz).clamp(0, most)
+            ranked = torch.arange(most, device=flat.device) < budget
+            pos, order = idx.sort()
+            keep = ranked[order]
+        else:
+            budget = most
+            if self.l0_budget == "dynamic":
+                budget = min(max(0, self.k * n - int(core_nnz)), most)
+            pos = batch_topk_positions(flat, budget)
+        rows, cols_nc = pos // nc, pos % nc
+        crow = torch.searchsorted(rows, torch.arange(n + 1, device=x.device))
+        pattern = SparsePattern(crow, rows, cols_nc, nc)
+        raw = flat[pos]
+        vals = torch.relu(_SampledPre.apply(raw, x, self.b_dec, self.W_enc_nc, b_nc, pattern))
+        if keep is not None:
+            vals = vals * keep
+        if vals.numel():
+            low = torch.where(vals > 0, vals, torch.full_like(vals, math.inf)).min().detach()
+            min_sel = torch.where(torch.isinf(low), torch.full_like(low, -1.0), low)
+        else:
+            min_sel = vals.new_tensor(-1.0)
+        return SparseCodes(
+            f_core, pattern, cols_nc + c, vals, pre_nc, core_nnz.float() / n, min_sel
+        )
+
+    def sparse_parts(self, codes: SparseCodes) -> Tensor:
+        """[B, groups, d]: each group's contribution, from one sparse product whose CSR rows
+        are the (token, group) pairs (entries are row-major, so those rows are sorted too)."""
+        n, n_groups = codes.f_core.shape[0], len(self.groups)
+        inner = self._inner_ends(codes.cols.device)
+        bag = codes.rows * n_groups + torch.bucketize(codes.cols, inner, right=True)
+        crow = torch.searchsorted(bag, torch.arange(n * n_groups + 1, device=bag.device))
+        # Same columns in the same order as the encoder pattern: share its column sort.
+        pattern = SparsePattern(crow, bag, codes.cols, self.width, codes.pattern.column_order())
+        parts = _SparseDecode.apply(codes.vals, self.W_dec, pattern)
+        return parts.view(n, n_groups, -1)
+
+    def _inner_ends(self, device: torch.device) -> Tensor:
+        # Cached: building it from a list every step would be a blocking host-to-device copy.
+        # Keyed by the groups too, since ``from_state`` assigns them after construction.
+        key = (tuple(self.groups), self.c, str(device))
+        cache = self.__dict__.setdefault("_ends_cache", {})
+        if key not in cache:
+            cache.clear()
+            cache[key] = torch.tensor(self.group_ends[:-1], device=device)
+        return cache[key]
+
+    def sparse_base(self, codes: SparseCodes) -> Tensor:
+        """b_dec plus the core's reconstruction [B, d]."""
+        if self.c:
+            return self.b_dec + codes.f_core @ self.W_dec[: self.c]
+        return self.b_dec.expand(codes.f_core.shape[0], -1)
+
+    def sparse_levels(self, codes: SparseCodes) -> Tensor:
+        """[B, levels, d]: ``nested_reconstructions`` stacked, from sparse codes."""
+        base = self.sparse_base(codes)
+        levels = base[:, None] + self.sparse_parts(codes).cumsum(1)
+        if self.bias_level:
+            levels = torch.cat([base[:, None].to(levels.dtype), levels], dim=1)
+        return levels
+
+    def aux_loss_sparse(
+        self, x: Tensor, residual: Tensor, codes: SparseCodes, dead: Tensor
+    ) -> Tensor:
+        """``aux_loss`` with the dead latents' top-k_aux as sparse entries (``residual`` is
+        x - x_hat, the full reconstruction's error)."""
+        n_dead = int(dead.sum())  # one host sync: the dead set fixes the shapes below
+        if n_dead == 0:
+            return x.new_zeros(())
+        n, c = x.shape[0], self.c
+        k_aux = min(self.d_in // 2, n_dead)
+        dead_nc = dead[c:].nonzero().squeeze(1)
+        sub = codes.pre_nc[:, dead_nc]
+        j = sub.topk(k_aux, dim=-1, sorted=False).indices.sort(dim=-1).values
+        cols_nc = dead_nc[j].flatten()
+        raw = sub.gather(1, j).flatten()
+        rows = torch.arange(n, device=x.device).repeat_interleave(k_aux)
+        crow = torch.arange(n + 1, device=x.device) * k_aux
+        enc = SparsePattern(crow, rows, cols_nc, self.width - c)
+        b_nc = self.b_enc[c:]
+        acts = torch.relu(_SampledPre.apply(raw, x, self.b_dec, self.W_enc_nc, b_nc, enc))
+        dec = SparsePattern(crow, rows, cols_nc + c, self.width, enc.column_order())
+        recon = _SparseDecode.apply(acts, self.W_dec, dec)
+        return self._aux_ratio(residual, recon)
+
+    @staticmethod
+    def _aux_ratio(residual: Tensor, recon: Tensor) -> Tensor:
+        r = residual.detach()
+        num = (r - recon).pow(2).sum(-1).mean()
+        den = (r - r.mean(0, keepdim=True)).pow(2).sum(-1).mean()
+        return torch.nan_to_num(num / den, nan=0.0, posinf=0.0)
+
+    @torch.no_grad()
+    def update_fired_sparse(self, codes: SparseCodes, n_tokens: int) -> None:
+        hits = self.tokens_since_fired.new_zeros(self.width, dtype=torch.float32)
+        hits.index_add_(0, codes.cols, (codes.vals > 0).float())
+        fired = hits > 0
+        if self.c:
+            fired[: self.c] = (codes.f_core > 0).any(0)
+        self.tokens_since_fired += n_tokens
+        self.tokens_since_fired.masked_fill_(fired, 0)  # masked_fill: no sync, unlike t[mask] = 0
+
     # -- training helpers ---------------------------------------------------------------
     def loss(
         self, x: Tensor, aux_alpha: float = 1 / 32, dead_tokens: int = 10_000_000
     ) -> tuple[Tensor, dict[str, Tensor]]:
+        if not self.fast:
+            return self.loss_reference(x, aux_alpha, dead_tokens)
+        codes = self.encode_sparse(x)
+        parts = self.sparse_parts(codes)
+        level_mse, residual = _NestedMSE.apply(x - self.sparse_base(codes), parts, self.bias_level)
+        recon_loss = level_mse.mean()
+        dead = self.dead_mask(dead_tokens)
+        aux = self.aux_loss_sparse(x, residual, codes, dead)
+        self.update_fired_sparse(codes, x.shape[0])
+        total = recon_loss + aux_alpha * aux
+        nnz = (codes.f_core > 0).sum() + (codes.vals > 0).sum()
+        return total, {
+            "loss": total.detach(),
+            "mse": level_mse[-1].detach(),
+            "nested_mse": level_mse[0].detach(),
+            "level_mse": level_mse.detach(),
+            "aux_loss": aux.detach(),
+            "l0": (nnz.float() / x.shape[0]).detach(),
+            "core_l0": codes.core_l0.detach(),
+            "dead": dead.sum().float(),
+            "min_selected": codes.min_selected,
+        }
+
+    def loss_reference(
+        self, x: Tensor, aux_alpha: float = 1 / 32, dead_tokens: int = 10_000_000
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """The dense eager loss, line by line ALGORITHM.md sections 4-5."""
         enc = self.encode_train(x)
         recons = self.nested_reconstructions(enc.f)
         level_mse = torch.stack([(x - r).pow(2).sum(-1).mean() for r in recons])
@@ -221,12 +621,7 @@ class MatryoshkaBatchTopKSAE(nn.Module):
         masked = torch.where(dead[None], post, torch.full_like(post, -math.inf))
         vals, idx = masked.topk(k_aux, dim=-1, sorted=False)
         acts = torch.zeros_like(post).scatter(-1, idx, vals.clamp_min(0))
-        recon = acts @ self.W_dec
-        r = (x - x_hat).detach()
-        num = (r - recon).pow(2).sum(-1).mean()
-        den = (r - r.mean(0, keepdim=True)).pow(2).sum(-1).mean()
-        out = num / den
-        return torch.nan_to_num(out, nan=0.0, posinf=0.0)
+        return self._aux_ratio(x - x_hat, acts @ self.W_dec)
 
     @torch.no_grad()
     def update_fired(self, f: Tensor, n_tokens: int) -> None:
@@ -236,18 +631,21 @@ class MatryoshkaBatchTopKSAE(nn.Module):
 
     @torch.no_grad()
     def update_threshold(self, min_selected: Tensor, beta: float) -> None:
-        if min_selected < 0:
-            return
-        if self.threshold < 0:
-            self.threshold.copy_(min_selected)
-        else:
-            self.threshold.mul_(beta).add_((1 - beta) * min_selected)
+        """EMA of the smallest selected activation; a batch with none (-1) leaves it alone.
+
+        Written with ``where`` so it never syncs with the host (``if tensor < 0`` would).
+        """
+        m = torch.as_tensor(min_selected, device=self.threshold.device).to(self.threshold.dtype)
+        ema = torch.where(self.threshold < 0, m, self.threshold * beta + (1 - beta) * m)
+        self.threshold.copy_(torch.where(m < 0, self.threshold, ema))
 
     @torch.no_grad()
     def remove_parallel_decoder_grad(self) -> None:
-        if self.W_dec.grad is not None:
+        grad = self.W_dec.grad
+        if grad is not None:
             w = self.W_dec
-            self.W_dec.grad -= (self.W_dec.grad * w).sum(-1, keepdim=True) * w
+            # In place: at K x d = 65k x 2304 every temporary is another 600 MB pass.
+            grad.addcmul_(torch.linalg.vecdot(grad, w)[:, None], w, value=-1)
 
     @torch.no_grad()
     def normalize_decoder(self) -> None:

@@ -1,0 +1,182 @@
+"""The sparse fast path of the SAE computes what the dense eager reference computes.
+
+Sizes are picked so that B * (K - c) exceeds the threshold-selection cut-off, i.e. the fast path
+really takes its CPU selection route, not the plain top-k it falls back to on small inputs.
+"""
+
+import copy
+
+import pytest
+import torch
+
+from dmsae_ray.config import SAEConfig, TrainConfig
+from dmsae_ray.sae import MatryoshkaBatchTopKSAE, batch_topk_positions
+from dmsae_ray.trainer import SAETrainer
+
+FRACS = [1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2 + 1 / 32]
+D, WIDTH, K, N = 32, 2048, 8, 64  # N * WIDTH = 131k candidates > 2**16
+
+
+def make_pair(
+    core: int, budget: str = "dynamic", bias_level: bool = False, dtype=torch.float64, fracs=FRACS
+):
+    torch.manual_seed(0)
+    sae = MatryoshkaBatchTopKSAE(
+        D, WIDTH, K, core, group_fractions=fracs, l0_budget=budget, bias_level=bias_level
+    ).to(dtype)
+    if core:
+        cols = torch.randn(D, core, dtype=dtype) * 0.5
+        sae.set_core(cols, torch.zeros(core, dtype=torch.long), torch.arange(core), tied=True)
+    with torch.no_grad():
+        # Non-zero biases, so the b_dec / b_enc gradient paths are exercised with real values.
+        sae.b_dec.normal_(0, 0.1)
+        sae.b_enc.normal_(0, 0.05)
+    ref = copy.deepcopy(sae)
+    ref.fast = False
+    return sae, ref
+
+
+def batch(dtype=torch.float64, seed: int = 1) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(N, D, generator=gen).to(dtype)
+
+
+def loss_and_grads(sae: MatryoshkaBatchTopKSAE, x: torch.Tensor, dead_tokens: int):
+    sae.zero_grad(set_to_none=True)
+    loss, metrics = sae.loss(x, aux_alpha=1 / 32, dead_tokens=dead_tokens)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in sae.named_parameters()}
+    return loss.detach(), metrics, grads
+
+
+@pytest.mark.parametrize("core", [0, 6])
+@pytest.mark.parametrize("budget", ["dynamic", "fixed"])
+def test_codes_and_nested_reconstructions_match(core, budget):
+    fast, ref = make_pair(core, budget)
+    x = batch()
+    codes = fast.encode_sparse(x)
+    enc = ref.encode_train(x)
+    torch.testing.assert_close(codes.to_dense(), enc.f, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(codes.core_l0, enc.core_l0)
+    torch.testing.assert_close(codes.min_selected, enc.min_selected)
+    levels = fast.sparse_levels(codes)
+    recons = torch.stack(ref.nested_reconstructions(enc.f), dim=1)
+    assert levels.shape == recons.shape == (N, len(fast.groups), D)
+    torch.testing.assert_close(levels, recons, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("core", [0, 6])
+@pytest.mark.parametrize("dead", [False, True], ids=["no-dead", "aux-k"])
+@pytest.mark.parametrize("sync_free", [False, True], ids=["cpu-budget", "device-budget"])
+def test_loss_metrics_and_gradients_match(core, dead, sync_free):
+    fast, ref = make_pair(core, bias_level=core > 0)
+    fast.sync_free_budget = sync_free  # True: the accelerator route (static top-k + rank mask)
+    if dead:
+        for sae in (fast, ref):  # a third of the latents dead: aux-k runs on them
+            sae.tokens_since_fired[::3] = 10**9
+    x = batch()
+    loss_f, met_f, grads_f = loss_and_grads(fast, x, dead_tokens=1000)
+    loss_r, met_r, grads_r = loss_and_grads(ref, x, dead_tokens=1000)
+    if dead:
+        assert float(met_r["aux_loss"]) > 0
+    torch.testing.assert_close(loss_f, loss_r, rtol=1e-10, atol=1e-12)
+    for key, value in met_r.items():
+        torch.testing.assert_close(met_f[key], value, rtol=1e-10, atol=1e-12, msg=key)
+    for name, g in grads_r.items():
+        torch.testing.assert_close(grads_f[name], g, rtol=1e-8, atol=1e-10, msg=name)
+    assert torch.equal(fast.tokens_since_fired, ref.tokens_since_fired)
+
+
+def test_float32_gradients_match_within_float_tolerance():
+    fast, ref = make_pair(6, dtype=torch.float32)
+    x = batch(torch.float32)
+    loss_f, _, grads_f = loss_and_grads(fast, x, dead_tokens=10**7)
+    loss_r, _, grads_r = loss_and_grads(ref, x, dead_tokens=10**7)
+    torch.testing.assert_close(loss_f, loss_r, rtol=1e-5, atol=1e-6)
+    for name, g in grads_r.items():
+        torch.testing.assert_close(grads_f[name], g, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_single_group_matches():
+    fast, ref = make_pair(6, fracs=[1.0])
+    x = batch()
+    loss_f, _, grads_f = loss_and_grads(fast, x, dead_tokens=10**7)
+    loss_r, _, grads_r = loss_and_grads(ref, x, dead_tokens=10**7)
+    torch.testing.assert_close(loss_f, loss_r, rtol=1e-10, atol=1e-12)
+    for name, g in grads_r.items():
+        torch.testing.assert_close(grads_f[name], g, rtol=1e-8, atol=1e-10, msg=name)
+
+
+def test_bf16_autocast_runs_and_agrees_with_the_reference_under_autocast():
+    # What --device cuda runs: the sparse products stay fp32 inside, the GEMMs go bf16. bf16
+    # ties can swap a few selected latents, hence the loose tolerance.
+    fast, ref = make_pair(6, dtype=torch.float32)
+    x = batch(torch.float32)
+    losses = []
+    for sae in (fast, ref):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss, metrics = sae.loss(x, aux_alpha=1 / 32, dead_tokens=10**7)
+        loss.backward()
+        assert all(torch.isfinite(p.grad).all() for p in sae.parameters())
+        losses.append(loss.detach())
+    torch.testing.assert_close(losses[0], losses[1], rtol=2e-2, atol=1e-3)
+
+
+def test_training_steps_track_the_reference():
+    fast, ref = make_pair(6)
+    cfg = SAEConfig(width=WIDTH, k=K, threshold_start_step=0, dead_tokens=10**7)
+    train = TrainConfig(tokens_per_cycle=N * 5, batch_size=N, lr=1e-3, warmup_steps=0)
+    trainers = [SAETrainer(s, cfg, train) for s in (fast, ref)]
+    for step in range(5):
+        x = batch(seed=10 + step)
+        out_f, out_r = (t.step(x) for t in trainers)
+        torch.testing.assert_close(out_f["loss"], out_r["loss"], rtol=1e-8, atol=1e-10)
+    for (name, p_f), p_r in zip(fast.state_dict().items(), ref.state_dict().values(), strict=True):
+        torch.testing.assert_close(p_f, p_r, rtol=1e-8, atol=1e-10, msg=name)
+
+
+def test_zero_budget_gives_no_non_core_codes():
+    fast, ref = make_pair(6)
+    fast.k = ref.k = 0  # the core alone; the non-core budget is empty
+    x = batch()
+    codes = fast.encode_sparse(x)
+    assert codes.vals.numel() == 0 and float(codes.min_selected) == -1
+    loss_f, met_f, _ = loss_and_grads(fast, x, dead_tokens=10**7)
+    loss_r, met_r, _ = loss_and_grads(ref, x, dead_tokens=10**7)
+    torch.testing.assert_close(loss_f, loss_r)
+    torch.testing.assert_close(met_f["l0"], met_r["l0"])
+
+
+@pytest.mark.parametrize("budget", [1, 97, 5000, 40_000])
+def test_threshold_selection_is_the_exact_top_k(budget):
+    flat = torch.randn(300_000, generator=torch.Generator().manual_seed(budget))
+    pos = batch_topk_positions(flat, budget)
+    assert torch.equal(pos, flat.topk(budget).indices.sort().values)
+
+
+def test_threshold_selection_with_ties_and_a_misleading_sample():
+    # Many ties: any top-k set is correct, so compare the selected values.
+    flat = torch.randint(0, 50, (200_000,)).float()
+    pos = batch_topk_positions(flat, 30_000)
+    assert pos.numel() == 30_000 and torch.all(pos[1:] > pos[:-1])
+    torch.testing.assert_close(flat[pos].sort().values, flat.topk(30_000).values.sort().values)
+    # The strided sample (every 5th entry at this size) sees only the large values, so the
+    # bound it gives is too high: the selection must notice and fall back to the exact top-k.
+    flat = torch.rand(1 << 20, generator=torch.Generator().manual_seed(0))
+    flat[::5] += 2
+    pos = batch_topk_positions(flat, 300_000)
+    assert torch.equal(pos, flat.topk(300_000).indices.sort().values)
+    assert batch_topk_positions(flat, 0).numel() == 0
+    assert torch.equal(batch_topk_positions(flat, 1 << 21), torch.arange(flat.numel()))
+
+
+def test_threshold_update_is_the_ema_and_ignores_empty_batches():
+    sae, _ = make_pair(0, dtype=torch.float32)
+    sae.update_threshold(torch.tensor(-1.0), 0.9)
+    assert float(sae.threshold) == -1  # nothing selected yet: still unset
+    sae.update_threshold(torch.tensor(2.0), 0.9)
+    assert float(sae.threshold) == 2
+    sae.update_threshold(torch.tensor(1.0), 0.9)
+    assert abs(float(sae.threshold) - 1.9) < 1e-6
+    sae.update_threshold(torch.tensor(-1.0), 0.9)
+    assert abs(float(sae.threshold) - 1.9) < 1e-6

@@ -24,6 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from dmsae_ray.buffer import CachedActivations, shuffled_batches
 from dmsae_ray.config import RunConfig, validate
 from dmsae_ray.coordinator import NAMESPACE
 from dmsae_ray.core import build_sae
@@ -38,20 +39,22 @@ def _batches(
 ) -> Iterator[Tensor]:
     """Endless batches: a corpus smaller than the tokens of a cycle is read for several epochs.
 
-    The first epoch streams from Ray Data; when this worker's share fits in ``cache_bytes`` it is
-    kept and later epochs are reshuffled in memory instead of re-running the data pipeline.
+    Rows arrive in a fixed order (preserve_order) and are shuffled here with a seeded generator:
+    Ray Data's own local shuffle depends on when blocks arrive, which makes reruns differ. The
+    first epoch streams; when this worker's share fits in ``cache_bytes`` it is kept and later
+    epochs are reshuffled in memory instead of re-running the data pipeline.
     """
+
+    def epoch(n: int) -> Iterator[Tensor]:
+        rows = (
+            b["x"] for b in shard.iter_torch_batches(batch_size=batch_size, dtypes=torch.float32)
+        )
+        for x in shuffled_batches(rows, batch_size, 16 * batch_size, seed + 1000 * n):
+            yield x.to(device)
+
     kept: list[Tensor] | None = []
     size = 0
-    for batch in shard.iter_torch_batches(
-        batch_size=batch_size,
-        local_shuffle_buffer_size=4 * batch_size,
-        drop_last=True,
-        local_shuffle_seed=seed,
-        dtypes=torch.float32,
-        device=device,
-    ):
-        x = batch["x"]
+    for x in epoch(0):
         if kept is not None:
             size += x.numel() * x.element_size()
             kept = kept + [x] if size <= cache_bytes else None
@@ -59,22 +62,9 @@ def _batches(
     if kept == []:
         raise ValueError(f"the activation stream has fewer than {batch_size} rows")
     if kept is not None:
-        rows = torch.cat(kept)
-        gen = torch.Generator().manual_seed(seed)
-        while True:
-            perm = torch.randperm(len(rows), generator=gen).to(device)
-            for i in range(len(rows) // batch_size):
-                yield rows[perm[i * batch_size : (i + 1) * batch_size]]
-    for epoch in itertools.count(1):
-        for batch in shard.iter_torch_batches(
-            batch_size=batch_size,
-            local_shuffle_buffer_size=4 * batch_size,
-            drop_last=True,
-            local_shuffle_seed=seed + 1000 * epoch,
-            dtypes=torch.float32,
-            device=device,
-        ):
-            yield batch["x"]
+        yield from CachedActivations.epochs(torch.cat(kept), batch_size, seed)
+    for n in itertools.count(1):
+        yield from epoch(n)
 
 
 def train_loop_per_worker(config: dict) -> None:

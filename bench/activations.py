@@ -1,0 +1,193 @@
+"""Activation generation: stop-after-layer fast path vs a full forward, in-process vs Ray Data.
+
+1. stories15M (the embedded default, 6 layers, d=288) at layer 3: ``layer_activations`` (the
+   forward stops inside a hook right after layer L) vs ``layer_activations_full`` (full forward
+   with ``output_hidden_states``), plus ``block_activations`` (what training consumes: BOS/pad
+   dropped, fp32 on the host).
+2. A random Gemma-2 with 26 layers, hooked at layer 12 (the reference run's site), scaled
+   down from gemma-2-2b by 1/4 in hidden size, MLP width, head dim *and* vocabulary, so the
+   unembedding keeps the same share of a full forward as in gemma-2-2b (whose weights cannot be
+   fetched here). Target: the fast path at least 2x a full forward.
+3. ``--ray``: the same stories15M blocks through the Ray Data ``ActivationWorker`` actor pool
+   vs in-process ``iter_activations`` (starts a local Ray; never stops anyone else's).
+
+    DMSAE_CACHE=/tmp/dm_cache python bench/activations.py [--ray] [--no-gemma]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import fmt_table, median, print_header  # noqa: E402
+
+from dmsae_ray.buffer import block_activations, iter_activations  # noqa: E402
+from dmsae_ray.config import ModelConfig, RunConfig  # noqa: E402
+from dmsae_ray.lm import layer_activations, layer_activations_full, load_lm  # noqa: E402
+
+
+def random_blocks(n: int, seq: int, vocab: int, bos: int, seed: int = 0) -> torch.Tensor:
+    """Token blocks like the training ones (BOS first); token identity does not change cost."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (n, seq), generator=gen)
+    ids[:, 0] = bos
+    return ids
+
+
+def interleaved(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median seconds per call, alternating the functions so load drift hits all alike."""
+    for fn in fns.values():
+        fn()  # warm-up: allocator, lazy init
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for r in range(repeats):
+        names = list(fns)
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            t0 = time.perf_counter()
+            fns[name]()
+            times[name].append(time.perf_counter() - t0)
+    return {name: median(ts) for name, ts in times.items()}
+
+
+def compare(model, ids: torch.Tensor, layer: int, specials: list[int], repeats: int) -> dict:
+    fast = layer_activations(model, ids, layer)
+    full = layer_activations_full(model, ids, layer)
+    diff = float((fast - full).abs().max())
+    fns = {
+        "full forward (output_hidden_states)": lambda: layer_activations_full(model, ids, layer),
+        "stop after layer (hook)": lambda: layer_activations(model, ids, layer),
+        "block_activations (stop + mask + host fp32)": lambda: block_activations(
+            model, ids, layer, specials
+        ),
+    }
+    return {"secs": interleaved(fns, repeats), "tokens": ids.numel(), "max_abs_diff": diff}
+
+
+def report(title: str, res: dict) -> list[list[str]]:
+    secs, tokens = res["secs"], res["tokens"]
+    full = secs["full forward (output_hidden_states)"]
+    rows = []
+    for name, s in secs.items():
+        rows.append([title, name, f"{tokens / s:,.0f}", f"{s * 1e3:.0f}", f"{full / s:.2f}x"])
+    return rows
+
+
+def gemma(args: argparse.Namespace):
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    cfg = Gemma2Config(
+        vocab_size=args.gemma_vocab,
+        hidden_size=args.gemma_hidden,
+        intermediate_size=4 * args.gemma_hidden,
+        num_hidden_layers=26,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        head_dim=args.gemma_hidden * 256 // 2304,  # gemma-2-2b: 8 heads of 256 at d=2304
+        max_position_embeddings=max(8192, args.gemma_seq),
+        attn_implementation="eager",  # the config default: Gemma-2's soft-capping needs it
+    )
+    torch.manual_seed(0)
+    model = Gemma2ForCausalLM(cfg).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model, cfg
+
+
+def ray_section(args: argparse.Namespace, model, specials: list[int], bos: int) -> list[list[str]]:
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    import ray
+
+    from dmsae_ray.activations import activation_dataset, write_token_blocks
+
+    n_blocks = args.ray_blocks
+    blocks = random_blocks(n_blocks, args.seq, model.config.vocab_size, bos, seed=1)
+    cfg = RunConfig.model_validate(
+        {
+            "model": {"name": "stories15m", "layer": args.layer, "dtype": "float32"},
+            "data": {"llm_batch_size": args.batch, "context_length": args.seq},
+            "ray": {"activation_actors": args.actors},
+        }
+    )
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tokens_dir = Path(tmp) / "tokens"
+        write_token_blocks(iter(blocks), tokens_dir, n_blocks, log=lambda _: None)
+        t0 = time.perf_counter()
+        n_in = sum(
+            len(a) for a in iter_activations(model, iter(blocks), args.layer, specials, args.batch)
+        )
+        in_proc = time.perf_counter() - t0
+        ray.init(num_cpus=4, include_dashboard=False, _temp_dir="/tmp/rt_bench")
+        try:
+            ds = activation_dataset(cfg, tokens_dir, specials)
+            t0 = time.perf_counter()
+            n_ray, first, n_first = 0, None, 0
+            for b in ds.iter_batches(batch_format="numpy"):
+                n_ray += len(b["x"])
+                if first is None:  # actor start + model load + first forward
+                    first, n_first = time.perf_counter(), n_ray
+            end = time.perf_counter()
+        finally:
+            ray.shutdown()
+    steady = (n_ray - n_first) / max(end - first, 1e-9)
+    rows.append([f"Ray Data, up to {args.actors} actors, end to end", f"{n_ray / (end - t0):,.0f}"])
+    rows.append([f"Ray Data, after the first batch ({first - t0:.1f} s)", f"{steady:,.0f}"])
+    rows.insert(0, ["in-process iter_activations", f"{n_in / in_proc:,.0f}"])
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--layer", type=int, default=3, help="stories15M layer (of 6)")
+    ap.add_argument("--batch", type=int, default=16, help="sequences per forward")
+    ap.add_argument("--seq", type=int, default=256, help="tokens per sequence (stories15M)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--no-gemma", action="store_true")
+    ap.add_argument("--gemma-hidden", type=int, default=576, help="gemma-2-2b: 2304")
+    ap.add_argument("--gemma-vocab", type=int, default=64_000, help="gemma-2-2b: 256000")
+    ap.add_argument("--gemma-seq", type=int, default=512)
+    ap.add_argument("--gemma-batch", type=int, default=2)
+    ap.add_argument("--ray", action="store_true", help="also the Ray Data actor pool")
+    ap.add_argument("--actors", type=int, default=2)
+    ap.add_argument("--ray-blocks", type=int, default=512)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print_header("Activation generation (tokens/s, fp32)")
+
+    mcfg = ModelConfig(name="stories15m", layer=args.layer, dtype="float32")
+    model = load_lm(mcfg, torch.device("cpu"))
+    bos, specials = 1, [0, 1, 2]  # stories15M: <unk> (pad), <s>, </s>
+    ids = random_blocks(args.batch, args.seq, model.config.vocab_size, bos)
+    rows = report(
+        f"stories15M layer {args.layer}/6",
+        compare(model, ids, args.layer, specials, args.repeats),
+    )
+    if not args.no_gemma:
+        g, gcfg = gemma(args)
+        gids = random_blocks(args.gemma_batch, args.gemma_seq, gcfg.vocab_size, 2)
+        res = compare(g, gids, 12, [0, 1, 2], args.repeats)
+        rows += report(f"random Gemma-2 (26 layers, d={gcfg.hidden_size}) layer 12", res)
+        print(f"gemma max |fast - full| = {res['max_abs_diff']:.2e}")
+        del g
+    header = ["model", "path", "tokens/s", "ms/batch", "vs full"]
+    print(fmt_table(header, rows))
+    if args.ray:
+        print()
+        print(
+            fmt_table(
+                ["pipeline (stories15M)", "tokens/s"], ray_section(args, model, specials, bos)
+            )
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -250,6 +250,21 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), yaml.safe_load(raw) if raw.strip() else None
 
 
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The sections of a YAML or JSON config file, unvalidated."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    text = p.read_text()
+    try:
+        data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as err:
+        raise ConfigError(f"cannot parse {p}: {err}") from None
+    if not isinstance(data, dict | None):
+        raise ConfigError(f"{p} must hold a mapping of sections")
+    return data or {}
+
+
 def load_config(
     path: str | Path | None = None,
     overrides: list[str] | None = None,
@@ -258,17 +273,7 @@ def load_config(
     """Config file (YAML or JSON) on top of ``base`` (the embedded default when no file is
     given, the paper defaults otherwise), then ``section.key=value`` overrides."""
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        text = p.read_text()
-        try:
-            data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
-        except (json.JSONDecodeError, yaml.YAMLError) as err:
-            raise ConfigError(f"cannot parse {p}: {err}") from None
-        data = data or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"{p} must hold a mapping of sections")
+        data = read_config_file(path)
         data.pop("sweep", None)  # read by `dmsae sweep`, not part of a single run
     else:
         data = (base or embedded_default()).model_dump(mode="json")

@@ -54,7 +54,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from dmsae_ray.config import ConfigError, RunConfig, load_config
+from dmsae_ray.config import ConfigError, RunConfig, load_config, read_config_file
 
 Log = Callable[[str], None]
 
@@ -429,20 +429,11 @@ def parse_values(text: str) -> list[Any]:
 
 def read_sections(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """A config file's ``sweep:`` section; the rest is read by ``load_config``."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config file not found: {p}")
-    text = p.read_text()
-    try:
-        data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as err:
-        raise ConfigError(f"cannot parse {p}: {err}") from None
-    if not isinstance(data, dict | None):
-        raise ConfigError(f"{p} must hold a mapping of sections")
-    sweep = (data or {}).get("sweep") or {}
+    data = read_config_file(path)
+    sweep = data.get("sweep") or {}
     if not isinstance(sweep, dict):
         raise SweepError([(("sweep",), "must be a mapping (name, grid, random, ...)")])
-    return data or {}, sweep
+    return data, sweep
 
 
 def load_sweep(

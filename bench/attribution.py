@@ -30,6 +30,8 @@ def worker(spec: dict) -> dict:
     from dmsae_ray.lm import layer_activations, load_lm
     from dmsae_ray.sae import MatryoshkaBatchTopKSAE
 
+    if spec["threads"]:
+        torch.set_num_threads(spec["threads"])
     torch.manual_seed(0)
     layer, width, n = spec["layer"], spec["width"], spec["candidates"]
     specials = [0, 1, 2]  # stories15M: <unk> (pad), <s>, </s>
@@ -69,17 +71,20 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--batch", type=int, default=4, help="sequences per forward+backward")
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return
     print_header("Attribution per candidate-set size (stories15M, splice, exact quantile)")
+    if args.threads:
+        print(f"threads per run: {args.threads} (--threads)\n")
     rows = []
     for n in args.sizes:
         spec = dict(
             candidates=n, width=args.width, k=args.k, layer=args.layer, blocks=args.blocks,
-            seq=args.seq, batch=args.batch, repeats=args.repeats,
+            seq=args.seq, batch=args.batch, repeats=args.repeats, threads=args.threads,
         )  # fmt: skip
         out = run_worker(Path(__file__), spec, timeout=3600)
         if "error" in out:

@@ -164,7 +164,7 @@ def worker(spec: dict) -> dict:
 def saelens_status() -> str | None:
     """None when SAELens' Matryoshka training SAE imports, else why not."""
     if importlib.util.find_spec("sae_lens") is None:
-        return "sae-lens is not installed (pip install --no-deps sae-lens; see BENCHMARKS.md)"
+        return "sae-lens is not installed (see BENCHMARKS.md for installing it next to torch)"
     try:
         from sae_lens.saes.matryoshka_batchtopk_sae import (  # noqa: F401
             MatryoshkaBatchTopKTrainingSAE,
@@ -213,13 +213,14 @@ def main() -> None:
     if args.threads:
         print(f"threads per run: {args.threads} (--threads)\n")
     impls = list(args.impl)
-    if "saelens" in impls and (why := saelens_status()):
-        print(f"SKIPPING the SAELens side: {why}\n")
-        impls.remove("saelens")
-    else:
-        import sae_lens
+    if "saelens" in impls:
+        if why := saelens_status():
+            print(f"SKIPPING the SAELens side: {why}\n")
+            impls.remove("saelens")
+        else:
+            import sae_lens
 
-        print(f"sae-lens {sae_lens.__version__}\n")
+            print(f"sae-lens {sae_lens.__version__}\n")
     if args.compile and args.warmup < 3:
         args.warmup = 3  # the first steps compile
     results = []

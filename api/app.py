@@ -161,12 +161,7 @@ class Runs:
 
     def list(self, status: str | None, limit: int, offset: int) -> dict:
         views = self._views(self.store.all())
-        if status:
-            views = [v for v in views if v["status"] == status]
-        page = views[offset : offset + limit]
-        nxt = offset + limit if offset + limit < len(views) else None
-        return {"items": page, "total": len(views), "limit": limit, "offset": offset,
-                "next_offset": nxt}
+        return service.paginate(views, status, limit, offset)
 
     def active_count(self) -> int:
         views = self._views([r for r in self.store.all() if not r.status_final])

@@ -463,3 +463,12 @@ def _atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def paginate(views: list[dict], status: str | None, limit: int, offset: int) -> dict[str, Any]:
+    """One page of run (or sweep) views, optionally only those with ``status``."""
+    if status:
+        views = [v for v in views if v["status"] == status]
+    nxt = offset + limit if offset + limit < len(views) else None
+    return {"items": views[offset : offset + limit], "total": len(views), "limit": limit,
+            "offset": offset, "next_offset": nxt}

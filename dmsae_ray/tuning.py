@@ -1170,13 +1170,10 @@ class Sweeps:
         return out
 
     def list(self, status: str | None, limit: int, offset: int) -> dict[str, Any]:
+        from dmsae_ray import service
+
         views = [self.view(i, with_summary=False) for i in self.ids()]
-        if status:
-            views = [v for v in views if v["status"] == status]
-        page = views[offset : offset + limit]
-        nxt = offset + limit if offset + limit < len(views) else None
-        return {"items": page, "total": len(views), "limit": limit, "offset": offset,
-                "next_offset": nxt}
+        return service.paginate(views, status, limit, offset)
 
     def summary(self, sweep_id: str) -> dict[str, Any]:
         """Live: read from the trials' run directories now, not from the last written file."""

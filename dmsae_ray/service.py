@@ -159,6 +159,7 @@ class RayJobs:
         self._lock = threading.Lock()
         self._cache: dict[str, tuple[float, JobInfo | None]] = {}
         self._all: tuple[float, dict[str, JobInfo]] | None = None
+        self._fetching: dict[str, threading.Lock] = {}
 
     # connection
     @property
@@ -242,13 +243,30 @@ class RayJobs:
         finally:
             self.invalidate(job_id)
 
-    def info(self, job_id: str) -> JobInfo | None:
-        """The job, or None when the cluster does not know it (deleted, cluster restarted)."""
-        now = time.monotonic()
+    def _cached(self, job_id: str) -> tuple[bool, JobInfo | None]:
         with self._lock:
             hit = self._cache.get(job_id)
-            if hit and now - hit[0] < self.cache_ttl:
-                return hit[1]
+            if hit and time.monotonic() - hit[0] < self.cache_ttl:
+                return True, hit[1]
+        return False, None
+
+    def info(self, job_id: str) -> JobInfo | None:
+        """The job, or None when the cluster does not know it (deleted, cluster restarted)."""
+        found, info = self._cached(job_id)
+        if found:
+            return info
+        # One request per job at a time: fifty status calls arriving together wait for the
+        # first one's answer instead of sending fifty requests to a busy dashboard.
+        with self._lock:
+            fetching = self._fetching.setdefault(job_id, threading.Lock())
+        with fetching:
+            found, info = self._cached(job_id)
+            if found:
+                return info
+            return self._fetch(job_id)
+
+    def _fetch(self, job_id: str) -> JobInfo | None:
+        now = time.monotonic()
         try:
             info: JobInfo | None = _job_info(self._call("get_job_info", job_id))
         except RayUnavailable:
@@ -339,7 +357,7 @@ def run_status(
     """
     s = (state or {}).get("status")
     s_err = (state or {}).get("error")
-    if s == COMPLETED:
+    if s == COMPLETED and (job is None or job.terminal):
         return COMPLETED, None
     if job is None:
         if not ray_reachable:  # best effort from the directory alone
@@ -358,7 +376,11 @@ def run_status(
         fresh = fresh and state_time >= job.start_time
         if stop_requested or (s == STOPPED and fresh):
             return STOPPING, None
+        # A completed state.json with the job still running: the driver is releasing its
+        # actors. Completed only once it has exited, so the cap never admits a run early.
         return RUNNING, None
+    if s == COMPLETED:  # the job ended, however: the run directory says the work is done
+        return COMPLETED, None
     if job.status == "SUCCEEDED":
         return FAILED, "the job exited without completing the run"
     if job.status == "STOPPED":

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
-import signal
 import subprocess
 import sys
 import threading
@@ -18,48 +16,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import free_ports, tiny_config
-
-TOKEN = "test-token-0123456789abcdef"
-ENV = {
-    "RAY_AUTH_MODE": "disabled",  # no token auth between Ray clients and this cluster
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "RAY_TRAIN_ENABLE_STATE_ACTOR_RECONCILIATION": "0",
-    "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS": "1",
-    "OMP_NUM_THREADS": "1",
-}
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _env(**extra: str) -> dict[str, str]:
-    """This process's environment for a child, without any pointer to another cluster."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "DMSAE_API_TOKEN")}
-    return env | ENV | extra
-
-
-def _wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args[:4]} exited {proc.returncode}:\n{log.read_text()}")
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    raise TimeoutError(f"{url} did not answer in {timeout}s:\n{log.read_text()[-3000:]}")
-
-
-def _terminate(proc: subprocess.Popen, timeout: float = 60) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)  # its own session: only what it started
-            proc.wait(10)
+from conftest import tiny_config
+from serving import ENV, TOKEN, Server, _env, stop_leftover_jobs
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -80,55 +38,6 @@ def ray_cluster(ray_head, _ray_env) -> str:
     return ray_head["dashboard"]
 
 
-class Server:
-    """`dmsae serve` in a subprocess; restartable on the same port, runs root and database."""
-
-    def __init__(self, ray_address: str, root: Path) -> None:
-        self.ray_address, self.root = ray_address, root
-        self.port = free_ports(1)[0]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen | None = None
-        self.log = root / "serve.log"
-
-    def start(self, *, token_file: Path | None = None) -> None:
-        env, args = _env(), []
-        if token_file is None:
-            env["DMSAE_API_TOKEN"] = TOKEN
-        else:
-            args = ["--token-file", str(token_file)]
-        cmd = [
-            sys.executable,
-            "-m",
-            "dmsae_ray.cli",
-            "serve",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(self.port),
-            "--ray-address",
-            self.ray_address,
-            "--runs-root",
-            str(self.root / "runs"),
-            "--max-active-runs",
-            "2",
-            *args,
-        ]
-        with self.log.open("a") as out:
-            self.proc = subprocess.Popen(
-                cmd,
-                env=env,
-                cwd=REPO,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        _wait_http(f"{self.url}/healthz", self.proc, self.log, timeout=60)
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            _terminate(self.proc, timeout=30)
-
-
 @pytest.fixture(scope="module")
 def server(ray_cluster, tmp_path_factory) -> Iterator[Server]:
     srv = Server(ray_cluster, tmp_path_factory.mktemp("api"))
@@ -137,6 +46,7 @@ def server(ray_cluster, tmp_path_factory) -> Iterator[Server]:
         yield srv
     finally:
         srv.stop()
+        stop_leftover_jobs(ray_cluster)
 
 
 @pytest.fixture(scope="module")
@@ -191,8 +101,12 @@ def test_run_status_combines_state_and_job():
     assert run_status(running, job("FAILED"))[0] == "failed"
     failed = {"status": "failed", "error": "OSError: disk full"}
     assert run_status(failed, job("FAILED")) == ("failed", "OSError: disk full")
-    assert run_status({"status": "completed"}, job("RUNNING")) == ("completed", None)
+    # Completed once the driver has exited too: until then it still holds cluster resources.
+    assert run_status({"status": "completed"}, job("RUNNING")) == ("running", None)
     assert run_status({"status": "completed"}, job("SUCCEEDED")) == ("completed", None)
+    assert run_status({"status": "completed"}, job("FAILED")) == ("completed", None)
+    assert run_status({"status": "completed"}, None) == ("completed", None)
+    assert run_status({"status": "completed"}, None, ray_reachable=False) == ("completed", None)
     assert run_status(running, job("SUCCEEDED"))[0] == "failed"
     # After a resume the previous job's "stopped" is stale until the new job rewrites it;
     # a "stopped" written while this job runs means it is on its way out.
@@ -364,22 +278,10 @@ def test_stop_resume_and_limits(api, tiny_dir, runs):
     assert api.delete(f"/v1/distillations/{rid}").status_code == 409
     assert api.post(f"/v1/distillations/{rid}/resume").status_code == 409
 
-    # 50 status requests at once while a run is active: every one answers.
-    view = wait_for(api, rid, lambda v: v["status"] == "running")
-    results: list[int] = []
-
-    def get() -> None:
-        results.append(api.get(f"/v1/distillations/{rid}").status_code)
-
-    threads = [threading.Thread(target=get) for _ in range(50)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert results == [200] * 50
-
     # Stop once cycle 0 is committed, resume, and the run finishes without redoing cycle 0.
-    view = wait_for(api, rid, lambda v: v["cycle"] >= 1 or v["status"] != "running", every=0.2)
+    view = wait_for(
+        api, rid, lambda v: v["cycle"] >= 1 or v["status"] not in ("pending", "running"), every=0.2
+    )
     assert view["status"] == "running" and view["cycle"] == 1, view
     stop = api.post(f"/v1/distillations/{rid}/stop")
     assert stop.status_code == 202, stop.text
@@ -393,6 +295,21 @@ def test_stop_resume_and_limits(api, tiny_dir, runs):
     assert r.status_code == 202, r.text
     assert r.json()["job_ids"] == [f"dmsae-{rid}-1", f"dmsae-{rid}-2"]
     assert r.json()["status"] in ("pending", "running")
+
+    # 50 status requests at once while the resumed run is active: every one answers.
+    results: list[tuple[int, str]] = []
+
+    def get() -> None:
+        got = api.get(f"/v1/distillations/{rid}")
+        results.append((got.status_code, got.json().get("status")))
+
+    threads = [threading.Thread(target=get) for _ in range(50)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [code for code, _ in results] == [200] * 50
+    assert {status for _, status in results} <= {"pending", "running"}
     # The event stream follows the resumed run to its end.
     events = []
     with api.stream("GET", f"/v1/distillations/{rid}/events", timeout=300) as s:

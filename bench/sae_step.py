@@ -63,7 +63,7 @@ def ours_step(spec: dict, device: torch.device):
     loss: torch.nn.Module = SAELoss(sae, cfg)
     if spec["compile"]:
         loss = torch.compile(loss)
-    # Wrapped: SAETrainer tests ``loss_module or ...``, which a compiled module refuses (len()).
+    # Wrapped to apply autocast around the (possibly compiled) loss.
     wrapped = LossWrapper(loss, device.type if spec["autocast"] else None)
     trainer = SAETrainer(sae, cfg, train, loss_module=wrapped)
     return trainer.step

@@ -2,29 +2,36 @@
 
 Token blocks are written once per run as parquet under the run directory (the same training
 tokens every cycle). Activations stream from the actor pool straight into the Ray Train workers;
-with ``data.cache_activations`` they are written to parquet once and read back every cycle.
+with ``data.cache_activations`` they are written to parquet once and read back every cycle,
+in the run directory or under ``data.activation_cache`` (a directory or s3:// / gs:// URI).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 import shutil
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
 import torch
 from torch import Tensor
 
-from dmsae_ray.buffer import block_activations
+from dmsae_ray import storage
+from dmsae_ray.buffer import block_activations_at
 from dmsae_ray.config import ModelConfig, RunConfig
 from dmsae_ray.lm import load_lm
 
 BLOCKS_PER_FILE = 4096
+COMMIT = "COMMIT.json"  # written last: the cache is complete and names its files
 
 
 def write_token_blocks(
@@ -41,7 +48,12 @@ def write_token_blocks(
         nonlocal buf, shard
         arr = torch.stack(buf).numpy().astype(np.int32)
         col = pa.FixedSizeListArray.from_arrays(pa.array(arr.ravel()), arr.shape[1])
-        pq.write_table(pa.table({"ids": col}), tmp / f"blocks-{shard:05d}.parquet")
+        # The global block index travels with the block: activation rows get their position
+        # in the token stream from it (Ray Data does not keep rows in order).
+        first = shard * BLOCKS_PER_FILE
+        index = pa.array(np.arange(first, first + len(buf), dtype=np.int64))
+        table = pa.table({"ids": col, "block": index})
+        pq.write_table(table, tmp / f"blocks-{shard:05d}.parquet")
         buf, shard = [], shard + 1
 
     for block in blocks:
@@ -80,12 +92,32 @@ class ActivationWorker:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ids = torch.from_numpy(stack_ids(batch["ids"]).astype(np.int64))
-        return {"x": block_activations(self.model, ids, self.layer, self.specials).numpy()}
+        blocks = torch.from_numpy(batch["block"].astype(np.int64))
+        x, pos = block_activations_at(self.model, ids, blocks, self.layer, self.specials)
+        return {"x": x.numpy(), "pos": pos.numpy()}
 
 
-def activation_dataset(cfg: RunConfig, tokens_dir: Path, specials: list[int]) -> ray.data.Dataset:
+def _first_blocks(n: int) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]:
+    def keep(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        mask = batch["block"] < n
+        return {k: v[mask] for k, v in batch.items()}
+
+    return keep
+
+
+def activation_dataset(
+    cfg: RunConfig, tokens_dir: Path, specials: list[int], first_blocks: int | None = None
+) -> ray.data.Dataset:
+    """Rows ``{"x": activation, "pos": block * context_length + t}``, in no guaranteed order.
+    ``first_blocks``: only the activations of the first n token blocks."""
     use_gpu = cfg.ray.use_gpu
-    return ray.data.read_parquet(str(tokens_dir), partitioning=None).map_batches(
+    files = sorted(str(f) for f in Path(tokens_dir).glob("*.parquet"))
+    if first_blocks is not None:
+        files = files[: math.ceil(first_blocks / BLOCKS_PER_FILE)]
+    ds = ray.data.read_parquet(files, partitioning=None)
+    if first_blocks is not None:
+        ds = ds.map_batches(_first_blocks(first_blocks), batch_format="numpy")
+    return ds.map_batches(
         ActivationWorker,
         fn_constructor_kwargs={
             "model": cfg.model.model_dump(), "layer": cfg.model.layer, "specials": specials,
@@ -98,13 +130,49 @@ def activation_dataset(cfg: RunConfig, tokens_dir: Path, specials: list[int]) ->
     )
 
 
-def cached_dataset(ds: ray.data.Dataset, cache_dir: Path, log: Callable[[str], None]):
-    """Write the activations once (temp dir + rename), then always read them back."""
-    if not cache_dir.is_dir():
-        tmp = cache_dir.with_name(cache_dir.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        log(f"caching activations -> {cache_dir}")
-        ds.write_parquet(str(tmp))
-        os.replace(tmp, cache_dir)
-    # partitioning=None: a run_dir like runs/tau=0.5 is not a hive partition column
-    return ray.data.read_parquet(str(cache_dir), partitioning=None)
+def cache_key(cfg: RunConfig) -> dict:
+    """Everything the cached activations depend on: runs that agree on it share a cache."""
+    data = cfg.data.model_dump(mode="json", exclude={"cache_activations", "activation_cache"})
+    return {"model": cfg.model.model_dump(mode="json"), "data": data, "blocks": blocks_needed(cfg)}
+
+
+def cache_location(cfg: RunConfig, run_root: Path) -> tuple[pafs.FileSystem, str]:
+    """``run_dir/activations_parquet`` by default; under ``data.activation_cache`` (a directory
+    or URI) a subdirectory named by the digest of ``cache_key``, so that runs of one model,
+    layer and corpus (a sweep's trials, reruns) compute the activations once."""
+    if cfg.data.activation_cache is None:
+        return storage.resolve(str(run_root / "activations_parquet"))
+    fs, base = storage.resolve(cfg.data.activation_cache)
+    digest = hashlib.sha256(json.dumps(cache_key(cfg), sort_keys=True).encode()).hexdigest()
+    return fs, storage.join(base, digest[:16])
+
+
+def cached_dataset(
+    ds: ray.data.Dataset,
+    fs: pafs.FileSystem,
+    path: str,
+    key: dict,
+    log: Callable[[str], None],
+) -> ray.data.Dataset:
+    """Write the activations once, then always read them back.
+
+    Each writer puts its files in a fresh ``attempt`` directory and then writes ``COMMIT``
+    naming it: object stores cannot rename a directory, and a half-written attempt (a killed
+    driver) is never read. Two runs writing the same cache at once both commit complete, equal
+    data; the last commit wins.
+    """
+    marker = storage.join(path, COMMIT)
+    if storage.exists(fs, marker):
+        log(f"reusing cached activations at {path}")
+    else:
+        attempt = uuid.uuid4().hex[:12]
+        log(f"caching activations -> {storage.join(path, attempt)}")
+        ds.write_parquet(storage.join(path, attempt), filesystem=fs)
+        storage.write_text(fs, marker, json.dumps({"attempt": attempt, "key": key}, indent=1))
+    committed = json.loads(storage.read_text(fs, marker))
+    if committed.get("key", key) != key:
+        raise ValueError(f"{path} caches other activations: {committed['key']} (expected {key})")
+    # partitioning=None: a directory like runs/tau=0.5 is not a hive partition column
+    return ray.data.read_parquet(
+        storage.join(path, committed["attempt"]), filesystem=fs, partitioning=None
+    )

@@ -21,10 +21,25 @@ from dmsae_ray.lm import layer_activations
 @torch.no_grad()
 def block_activations(model: nn.Module, ids: Tensor, layer: int, specials: list[int]) -> Tensor:
     """Activation rows [N_valid, d] (float32) of a batch of blocks, BOS/pad positions dropped."""
+    return block_activations_at(model, ids, None, layer, specials)[0]
+
+
+@torch.no_grad()
+def block_activations_at(
+    model: nn.Module, ids: Tensor, blocks: Tensor | None, layer: int, specials: list[int]
+) -> tuple[Tensor, Tensor | None]:
+    """``block_activations`` plus each row's position in the token stream,
+    ``block * context_length + t`` for the blocks' global indices ``blocks``: Ray Data may hand
+    rows on in any order, and the position is what puts them back in a fixed one."""
     device = next(model.parameters()).device
     ids = ids.to(device)
-    h = layer_activations(model, ids, layer)
-    return h[valid_mask(ids, specials)].float().cpu()
+    mask = valid_mask(ids, specials)
+    x = layer_activations(model, ids, layer)[mask].float().cpu()
+    if blocks is None:
+        return x, None
+    t = ids.shape[1]
+    pos = blocks.to(torch.int64)[:, None] * t + torch.arange(t, dtype=torch.int64)
+    return x, pos[mask.cpu()]
 
 
 def iter_activations(

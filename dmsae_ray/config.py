@@ -15,6 +15,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from dmsae_ray.storage import check_location
+
 # SAEBench / dictionary_learning Matryoshka group fractions (ALGORITHM.md 4.1).
 DEFAULT_GROUP_FRACTIONS = [1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2 + 1 / 32]
 EMBEDDED_MODEL = "stories15m"
@@ -65,6 +67,24 @@ class DataConfig(_Strict):
     cache_activations: bool = Field(
         False, description="store training activations once and reuse them every cycle"
     )
+    activation_cache: str | None = Field(
+        None,
+        description="where the cache lives: a directory or URI (file://, s3://, gs://) shared "
+        "by runs of the same model, layer and data; default: run_dir/activations_parquet",
+    )
+
+    @model_validator(mode="after")
+    def _cache(self) -> DataConfig:
+        if self.activation_cache is not None:
+            if not self.cache_activations:
+                raise ValueError(
+                    "data.activation_cache is set but data.cache_activations is false: "
+                    "set data.cache_activations: true to use it"
+                )
+            why = check_location(self.activation_cache)
+            if why:
+                raise ValueError(f"data.activation_cache: {why}")
+        return self
 
 
 class SAEConfig(_Strict):
@@ -112,6 +132,11 @@ class TrainConfig(_Strict):
     )
     checkpoint_every: int = Field(
         1000, gt=0, description="steps between checkpoints (a multiple of log_every)"
+    )
+    fast_path: bool = Field(
+        True,
+        description="sparse top-k decoder and fused encoder selection; false: the dense eager "
+        "reference (same results, slower; for debugging)",
     )
 
 
@@ -174,6 +199,11 @@ class RunConfig(_Strict):
             )
         if self.data.context_length < 2:
             raise ValueError("data.context_length must be >= 2")
+        if self.data.activation_cache is not None and not self.ray.enabled:
+            raise ValueError(
+                "data.activation_cache needs ray.enabled: true (without Ray the cache is "
+                "run_dir/activations/)"
+            )
         return self
 
 

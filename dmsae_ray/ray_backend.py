@@ -3,15 +3,20 @@ pool for evaluation and attribution, and the coordinator actor owning the run's 
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import ray
+import torch
 from torch import Tensor
 
 from dmsae_ray.activations import (
     activation_dataset,
     blocks_needed,
+    cache_key,
+    cache_location,
     cached_dataset,
     write_token_blocks,
 )
@@ -34,8 +39,8 @@ class RayBackend:
         connect(cfg.ray)
         check_resources(cfg.ray)
         ctx = ray.data.DataContext.get_current()
-        # Reproducible runs: the same blocks in the same order every cycle and every rerun.
-        ctx.execution_options.preserve_order = True
+        # No preserve_order: it costs throughput and Ray Data does not keep rows in order even
+        # with it; reproducibility comes from each row's token position (README).
         # Bars redrawn into a log file (ray job logs, CI) are thousands of lines of noise.
         ctx.enable_progress_bars = sys.stdout.isatty()
         # The driver needs only the tokenizer and the held-out blocks; the LM lives in actors.
@@ -50,21 +55,30 @@ class RayBackend:
         self.state = CoordinatorState(self.coordinator)
         return self.state
 
-    def _dataset(self) -> ray.data.Dataset:
+    def _tokens(self) -> Path:
         tokens = self.rd.root / "tokens"
         if not tokens.is_dir():
             self.state.set_stage("tokenize")
             write_token_blocks(self.data.train_blocks(), tokens, blocks_needed(self.cfg), self.log)
-        ds = activation_dataset(self.cfg, tokens, self.data.specials)
+        return tokens
+
+    def _dataset(self) -> ray.data.Dataset:
+        ds = activation_dataset(self.cfg, self._tokens(), self.data.specials)
         if self.cfg.data.cache_activations:
             self.state.set_stage("activations")
-            ds = cached_dataset(ds, self.rd.root / "activations_parquet", self.log)
+            fs, path = cache_location(self.cfg, self.rd.root)
+            ds = cached_dataset(ds, fs, path, cache_key(self.cfg), self.log)
         return ds
 
     def norm_factor(self) -> float:
-        bs = self.cfg.train.batch_size
-        batches = (b["x"] for b in self._dataset().iter_torch_batches(batch_size=bs))
-        return estimate_norm_factor(batches, self.cfg.sae.norm_batches)
+        """From the activations of the first token blocks (about ``sae.norm_batches`` training
+        batches): a fixed set of rows, whatever order Ray Data delivers them in."""
+        cfg = self.cfg
+        rows = cfg.sae.norm_batches * cfg.train.batch_size
+        first = math.ceil(rows / (cfg.data.context_length - 1))
+        ds = activation_dataset(cfg, self._tokens(), self.data.specials, first_blocks=first)
+        batches = ds.iter_torch_batches(batch_size=cfg.train.batch_size, dtypes=torch.float32)
+        return estimate_norm_factor(b["x"] for b in batches)
 
     def train(
         self, cycle: int, core: Tensor | None, core_ids: list[LatentId], norm_factor: float

@@ -6,6 +6,7 @@ unit test, in the driver, and in every data-parallel worker.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Iterator
 
 import torch
@@ -58,11 +59,16 @@ class SAETrainer:
         self.sae, self.sae_cfg, self.train_cfg = sae, sae_cfg, train
         # Under Ray Train this is the DDP-wrapped SAELoss: DDP all-reduces only the gradients
         # of what runs through its own forward().
-        self.loss_module = loss_module or SAELoss(sae, sae_cfg)
+        # `is None`, not `or`: a wrapped module (DDP, torch.compile) must never be replaced.
+        self.loss_module = SAELoss(sae, sae_cfg) if loss_module is None else loss_module
         # Data-parallel callers initialise b_dec once and broadcast it before wrapping in DDP.
         self.init_b_dec = init_b_dec
         self.total_steps = num_steps(train)
-        self.opt = torch.optim.Adam(sae.parameters(), lr=train.lr, betas=tuple(train.betas))
+        # One fused kernel for the whole update on a GPU; torch's own choice elsewhere.
+        self.opt = torch.optim.Adam(
+            sae.parameters(), lr=train.lr, betas=tuple(train.betas),
+            fused=True if sae.W_enc.is_cuda else None,
+        )
         self.sched = torch.optim.lr_scheduler.LambdaLR(
             self.opt, lr_lambda(self.total_steps, train.warmup_steps, train.decay_start)
         )
@@ -114,23 +120,34 @@ def repeat_batches(batches: Callable[[], Iterable[Tensor]]) -> Iterator[Tensor]:
 
 
 class MetricWindow:
-    """Running window of the step metrics worth logging (floats: one host sync per step)."""
+    """Running window of the step metrics worth logging.
+
+    Steps keep their metrics as one small tensor on the training device; they reach the host
+    only when ``mean`` or ``line`` is asked for (every ``log_every`` steps), so a GPU step
+    never waits for a device-to-host copy.
+    """
 
     KEYS = ("loss", "mse", "nested_mse", "l0", "core_l0", "aux_loss", "dead")
 
     def __init__(self, size: int) -> None:
         self.size = size
-        self.values: dict[str, list[float]] = {k: [] for k in self.KEYS}
+        self.steps: list[Tensor] = []
 
     def add(self, metrics: dict[str, Tensor]) -> None:
-        for key in self.KEYS:
-            self.values[key] = [*self.values[key][-self.size + 1 :], float(metrics[key])]
+        row = torch.stack([torch.as_tensor(metrics[k]).detach().float() for k in self.KEYS])
+        self.steps = [*self.steps[-self.size + 1 :], row]
+
+    def _host(self) -> list[list[float]]:
+        return torch.stack(self.steps).cpu().tolist() if self.steps else []
 
     def mean(self) -> dict[str, float]:
-        return {k: sum(v) / len(v) for k, v in self.values.items() if v}
+        rows = self._host()
+        if not rows:
+            return {}
+        return {k: sum(r[i] for r in rows) / len(rows) for i, k in enumerate(self.KEYS)}
 
     def line(self, label: str, step: int, total: int) -> str:
-        v = {k: vals[-1] for k, vals in self.values.items()}
+        v = dict(zip(self.KEYS, self._host()[-1], strict=True))
         return (
             f"{label}step {step}/{total} mse {v['mse']:.4f} nested {v['nested_mse']:.4f} "
             f"L0 {v['l0']:.1f} (core {v['core_l0']:.1f}) dead {int(v['dead'])}"
@@ -147,6 +164,7 @@ def train_cycle(
     progress: Callable[[int], None] | None = None,
 ) -> dict[str, float]:
     """Train for ``train.tokens_per_cycle`` tokens; returns the final-window mean metrics."""
+    sae.fast = train.fast_path
     trainer = SAETrainer(sae, sae_cfg, train)
     window = MetricWindow(train.log_every)
     for step in range(1, trainer.total_steps + 1):
@@ -160,14 +178,15 @@ def train_cycle(
 
 
 @torch.no_grad()
-def estimate_norm_factor(batches: Iterable[Tensor], n_batches: int) -> float:
-    """sqrt(E||x||^2) over the first batches, so that E||x/norm||^2 = 1 (dictionary_learning)."""
-    total, count = 0.0, 0
+def estimate_norm_factor(batches: Iterable[Tensor], n_batches: int | None = None) -> float:
+    """sqrt(E||x||^2) over the first ``n_batches`` (all: None), so that E||x/norm||^2 = 1
+    (dictionary_learning). The sum is exact (``math.fsum`` of per-row squared norms): the same
+    rows in any order, in batches of any size, give the same bits."""
+    squares: list[float] = []
     for i, x in enumerate(batches):
-        if i >= n_batches:
+        if n_batches is not None and i >= n_batches:
             break
-        total += float(x.pow(2).sum(-1).sum())
-        count += x.shape[0]
-    if count == 0:
+        squares.extend(x.double().pow(2).sum(-1).tolist())
+    if not squares:
         raise ValueError("no activations to estimate the norm factor from")
-    return (total / count) ** 0.5
+    return (math.fsum(squares) / len(squares)) ** 0.5

@@ -39,32 +39,43 @@ def _batches(
 ) -> Iterator[Tensor]:
     """Endless batches: a corpus smaller than the tokens of a cycle is read for several epochs.
 
-    Rows arrive in a fixed order (preserve_order) and are shuffled here with a seeded generator:
-    Ray Data's own local shuffle depends on when blocks arrive, which makes reruns differ. The
-    first epoch streams; when this worker's share fits in ``cache_bytes`` it is kept and later
-    epochs are reshuffled in memory instead of re-running the data pipeline.
+    Ray Data hands rows on in an order that changes from run to run. When this worker's share
+    fits in ``cache_bytes`` (as in every test and the embedded default), it is read whole,
+    sorted by token-stream position and reshuffled from memory every epoch with a seeded
+    generator: the same rows give the same batches in every run, and a resumed cycle can skip
+    exactly the batches already trained on. A larger share streams (first epoch from what was
+    read so far, then the rest) through a seeded shuffle buffer, in arrival order.
     """
+    def to_device(x: Tensor) -> Tensor:
+        # Pinned host memory lets the copy to the GPU overlap the previous step.
+        return x.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else x
 
-    def epoch(n: int) -> Iterator[Tensor]:
-        rows = (
-            b["x"] for b in shard.iter_torch_batches(batch_size=batch_size, dtypes=torch.float32)
-        )
-        for x in shuffled_batches(rows, batch_size, 16 * batch_size, seed + 1000 * n):
-            yield x.to(device)
+    def stream() -> Iterator[dict[str, Tensor]]:
+        dtypes = {"x": torch.float32, "pos": torch.int64}
+        return iter(shard.iter_torch_batches(batch_size=batch_size, dtypes=dtypes))
 
-    kept: list[Tensor] | None = []
+    first = stream()
+    kept: list[dict[str, Tensor]] = []
     size = 0
-    for x in epoch(0):
-        if kept is not None:
-            size += x.numel() * x.element_size()
-            kept = kept + [x] if size <= cache_bytes else None
-        yield x
-    if kept == []:
-        raise ValueError(f"the activation stream has fewer than {batch_size} rows")
-    if kept is not None:
-        yield from CachedActivations.epochs(torch.cat(kept), batch_size, seed)
-    for n in itertools.count(1):
-        yield from epoch(n)
+    for b in first:
+        kept.append(b)
+        size += b["x"].numel() * b["x"].element_size()
+        if size > cache_bytes:
+            break
+    else:
+        if not kept:
+            raise ValueError(f"the activation stream has fewer than {batch_size} rows")
+        x = torch.cat([b["x"] for b in kept])
+        x = x[torch.argsort(torch.cat([b["pos"] for b in kept]))].to(device)
+        yield from CachedActivations.epochs(x, batch_size, seed)
+        return
+
+    epoch: Iterator[dict[str, Tensor]] = itertools.chain(kept, first)
+    for n in itertools.count():
+        rows = (b["x"] for b in epoch)
+        for x in shuffled_batches(rows, batch_size, 16 * batch_size, seed + 1000 * n):
+            yield to_device(x)
+        epoch = stream()
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -75,6 +86,7 @@ def train_loop_per_worker(config: dict) -> None:
     device = ray.train.torch.get_device()
     core = None if config["core"] is None else torch.from_numpy(config["core"])
     sae = build_sae(cfg, config["d_in"], config["cycle"], core, config["core_ids"]).to(device)
+    sae.fast = cfg.train.fast_path
     per_worker = max(1, cfg.train.batch_size // world)
     seed = cfg.train.seed + config["cycle"] + 7919 * rank
     shard = ray.train.get_dataset_shard("train")
@@ -87,6 +99,9 @@ def train_loop_per_worker(config: dict) -> None:
     if ckpt:
         with ckpt.as_directory() as d:
             trainer.load_state_dict(torch.load(Path(d) / "trainer.pt", map_location=device))
+        # Continue where the stream was, not at its start: the batches already trained on are
+        # read and dropped, so a resumed cycle sees exactly the batches of an uninterrupted one.
+        batches = itertools.islice(batches, trainer.step_count, None)
         print(f"[cycle {config['cycle']}] resuming from step {trainer.step_count}", flush=True)
     else:
         first = next(batches)

@@ -19,6 +19,15 @@ os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_ACTOR_RECONCILIATION", "0")
 os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+# The S3 test server (test_storage.py) takes any credentials; Ray workers inherit these from
+# the cluster started below. No instance-metadata probe for credentials on a machine off EC2.
+for key, value in {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_EC2_METADATA_DISABLED": "true",
+}.items():
+    os.environ.setdefault(key, value)
 
 sys.path.insert(0, str(Path(__file__).parent))
 from tiny import build_tiny_model, write_corpus  # noqa: E402

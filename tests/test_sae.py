@@ -136,3 +136,30 @@ def test_lr_schedule_warms_up_and_decays_to_zero():
     fn = lr_lambda(100, 10, 0.8)
     assert fn(0) == 0.1 and fn(9) == 1.0 and fn(50) == 1.0
     assert fn(90) == 0.5 and fn(100) == 0.0
+
+
+def test_metric_window_keeps_steps_on_device_until_asked():
+    from dmsae_ray.trainer import MetricWindow
+
+    window = MetricWindow(size=2)
+    for step in range(3):
+        m = {k: torch.tensor(float(step)) for k in MetricWindow.KEYS}
+        window.add(m)
+    assert all(isinstance(row, torch.Tensor) for row in window.steps) and len(window.steps) == 2
+    assert window.mean() == {k: 1.5 for k in MetricWindow.KEYS}  # steps 1 and 2
+    assert "step 3/9 mse 2.0000" in window.line("", 3, 9) and "dead 2" in window.line("", 3, 9)
+    assert MetricWindow(4).mean() == {}
+
+
+def test_trainer_keeps_a_given_loss_module_even_if_it_is_falsy():
+    from dmsae_ray.trainer import SAELoss
+
+    class Empty(SAELoss):  # what len()-having wrappers look like to `or`
+        def __len__(self) -> int:
+            return 0
+
+    sae = make()
+    cfg = SAEConfig(width=sae.width, k=sae.k)
+    loss = Empty(sae, cfg)
+    trainer = SAETrainer(sae, cfg, TrainConfig(tokens_per_cycle=64, batch_size=64), loss)
+    assert trainer.loss_module is loss

@@ -34,6 +34,7 @@ from api.models import (
 )
 from api.security import BearerAuth, BodyLimitMiddleware
 from api.store import RunRecord, RunStore
+from api.sweeps import SweepNotFound, SweepRequest, Sweeps, iter_errors, sweeps_root
 from dmsae_ray import service, tuning
 from dmsae_ray.config import RunConfig
 
@@ -50,6 +51,7 @@ class Settings:
     token: str | None = None
     db_path: Path | None = None  # default: <runs_root>.sqlite3, next to the runs root
     max_active_runs: int = 4
+    max_active_sweeps: int = 2
     max_body_bytes: int = 1 << 20
     command: str = "dmsae"  # the entrypoint executable, on the PATH of whoever started Ray
     poll_interval: float = 0.5  # seconds between state reads of an event stream
@@ -410,19 +412,7 @@ def create_app(settings: Settings) -> FastAPI:
         tail: Annotated[int | None, Query(ge=1, description="last N lines only")] = None,
     ) -> PlainTextResponse:
         """The driver log of the run's Ray job (the latest one unless `attempt` is given)."""
-        rec = runs.record(run_id)
-        if attempt is not None and attempt > len(rec.job_ids):
-            raise _error(404, f"run {run_id} has {len(rec.job_ids)} job(s)")
-        job_id = rec.job_ids[(attempt or len(rec.job_ids)) - 1]
-        try:
-            text = runs.jobs.logs(job_id)
-        except service.ServiceError as err:
-            raise _error(503, str(err)) from None
-        if text is None:
-            raise _error(404, f"Ray has no logs for job {job_id}")
-        if tail is not None:
-            text = "\n".join(text.splitlines()[-tail:]) + "\n"
-        return PlainTextResponse(text)
+        return _job_logs(runs.jobs, runs.record(run_id).job_ids, attempt, tail, f"run {run_id}")
 
     @v1.post("/distillations/{run_id}/stop", response_model=Distillation, status_code=202,
              tags=["distillations"])
@@ -470,16 +460,18 @@ def create_app(settings: Settings) -> FastAPI:
             filename=target.name,
         )
 
-    # Sweeps (dmsae_ray.tuning): one Ray job `dmsae sweep` per sweep; each sweep directory
+    # Sweeps (api/sweeps.py): one Ray job `dmsae sweep` per attempt; each sweep directory
     # holds its own record, so no table of the runs database is involved.
-    sweeps = tuning.Sweeps(tuning.sweeps_root(settings.runs_root), runs.jobs)
+    sweeps = Sweeps(sweeps_root(settings.runs_root), runs.jobs, settings.max_active_sweeps)
     app.state.sweeps = sweeps
 
     def _sweeps_call(fn: Any, *args: Any) -> Any:
         try:
             return fn(*args)
-        except tuning.SweepNotFound as err:
+        except SweepNotFound as err:
             raise _error(404, str(err)) from None
+        except tuning.SweepError as err:
+            raise RequestValidationError(list(iter_errors(err))) from None
         except service.ArtifactPathError as err:
             raise _error(400, str(err)) from None
         except FileNotFoundError:
@@ -489,20 +481,24 @@ def create_app(settings: Settings) -> FastAPI:
 
     @v1.post("/sweeps", status_code=201, tags=["sweeps"])
     def create_sweep(
-        req: tuning.SweepRequest,
+        req: SweepRequest,
         request: Request,
+        idempotency_key: Annotated[
+            str | None, Header(alias="Idempotency-Key", max_length=255)
+        ] = None,
         submitter: Annotated[str | None, Header(alias="X-Submitter", max_length=200)] = None,
     ) -> Any:
         """Start a sweep: a base run config plus a `sweep` section (grid, random, num_samples,
         max_concurrent_trials, ...), run as the Ray job `dmsae sweep`. Every trial's config is
-        validated first: 422 names the field (e.g. `sweep.grid.distill.tau`)."""
+        validated first: 422 names the field (e.g. `sweep.grid.distill.tau`). A retry with the
+        same `Idempotency-Key` returns the first sweep (200); beyond the active-sweep cap, 429."""
         who = submitter or (request.client.host if request.client else None)
-        try:
-            view = _sweeps_call(sweeps.create, req, who)
-        except tuning.SweepError as err:
-            raise RequestValidationError(list(tuning.iter_errors(err))) from None
-        return JSONResponse(status_code=201, content=jsonable_encoder(view),
-                            headers={"Location": f"/v1/sweeps/{view['id']}"})
+        view, created = _sweeps_call(sweeps.create, req, idempotency_key, who)
+        if created:
+            return JSONResponse(status_code=201, content=jsonable_encoder(view),
+                                headers={"Location": f"/v1/sweeps/{view['id']}"})
+        return JSONResponse(status_code=200, content=jsonable_encoder(view),
+                            headers={"Idempotent-Replayed": "true"})
 
     @v1.get("/sweeps", tags=["sweeps"])
     def list_sweeps(
@@ -517,6 +513,36 @@ def create_app(settings: Settings) -> FastAPI:
     def get_sweep(sweep_id: str) -> dict:
         """Status (as for distillations), the Ray job, the spec and the live summary."""
         return _sweeps_call(sweeps.view, sweep_id)
+
+    @v1.post("/sweeps/{sweep_id}/stop", status_code=202, tags=["sweeps"])
+    def stop_sweep(sweep_id: str) -> Any:
+        """Stop the sweep's Ray job and with it its trials (202; already stopped: 200).
+        Finished trials stay finished; resume it later."""
+        view, code = _sweeps_call(sweeps.stop, sweep_id)
+        return JSONResponse(status_code=code, content=jsonable_encoder(view))
+
+    @v1.post("/sweeps/{sweep_id}/resume", status_code=202, tags=["sweeps"])
+    def resume_sweep(sweep_id: str) -> dict:
+        """A new Ray job on the same sweep directory: finished trials are not rerun, the
+        others resume after their last committed cycle. Only stopped or failed sweeps (409)."""
+        return _sweeps_call(sweeps.resume, sweep_id)
+
+    @v1.delete("/sweeps/{sweep_id}", status_code=204, tags=["sweeps"])
+    def delete_sweep(sweep_id: str) -> None:
+        """Delete a finished or stopped sweep: its Ray jobs, trials and files (409 while it
+        is active)."""
+        _sweeps_call(sweeps.delete, sweep_id)
+
+    @v1.get("/sweeps/{sweep_id}/logs", response_class=PlainTextResponse, tags=["sweeps"])
+    def sweep_logs(
+        sweep_id: str,
+        attempt: Annotated[int | None, Query(ge=1, description="1 = first job")] = None,
+        tail: Annotated[int | None, Query(ge=1, description="last N lines only")] = None,
+    ) -> PlainTextResponse:
+        """The driver log of the sweep's Ray job (the latest one unless `attempt` is given):
+        Tune's trial table and every trial's progress lines."""
+        job_ids = _sweeps_call(sweeps.view, sweep_id, False)["job_ids"]
+        return _job_logs(runs.jobs, job_ids, attempt, tail, f"sweep {sweep_id}")
 
     @v1.get("/sweeps/{sweep_id}/summary", tags=["sweeps"])
     def sweep_summary(sweep_id: str) -> dict:
@@ -539,6 +565,23 @@ def create_app(settings: Settings) -> FastAPI:
 
     app.include_router(v1)
     return app
+
+
+def _job_logs(
+    jobs: service.RayJobs, job_ids: list[str], attempt: int | None, tail: int | None, what: str
+) -> PlainTextResponse:
+    if attempt is not None and attempt > len(job_ids):
+        raise _error(404, f"{what} has {len(job_ids)} job(s)")
+    job_id = job_ids[(attempt or len(job_ids)) - 1]
+    try:
+        text = jobs.logs(job_id)
+    except service.ServiceError as err:
+        raise _error(503, str(err)) from None
+    if text is None:
+        raise _error(404, f"Ray has no logs for job {job_id}")
+    if tail is not None:
+        text = "\n".join(text.splitlines()[-tail:]) + "\n"
+    return PlainTextResponse(text)
 
 
 def _sse(event: str, data: Any, event_id: int | None = None) -> str:

@@ -16,6 +16,7 @@ def serve(
     runs_root: str | Path = "runs/api",
     token_file: str | Path | None = None,
     max_active_runs: int = 4,
+    max_active_sweeps: int = 2,
     log_level: str = "info",
 ) -> int:
     """Run the service until interrupted; returns the exit status (2: refused to start)."""
@@ -45,6 +46,7 @@ def serve(
             ray_address=ray_address,
             token=token,
             max_active_runs=max_active_runs,
+            max_active_sweeps=max_active_sweeps,
         )
     )
     # Open event streams must not hold a shutdown (or a restart) for long.

@@ -131,6 +131,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return serve(
         host=args.host, port=args.port, ray_address=args.ray_address, runs_root=args.runs_root,
         token_file=args.token_file, max_active_runs=args.max_active_runs,
+        max_active_sweeps=args.max_active_sweeps,
     )
 
 
@@ -219,6 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs-root", default="runs/api", help="run dirs; runs DB next to it")
     p.add_argument("--token-file", help="bearer token file (default: $DMSAE_API_TOKEN)")
     p.add_argument("--max-active-runs", type=int, default=4, help="429 beyond this")
+    p.add_argument("--max-active-sweeps", type=int, default=2, help="429 beyond this")
     p.set_defaults(fn=cmd_serve)
     from dmsae_ray.tuning import SWEEP_HELP, add_arguments
 

@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import tiny_config
+from serving import TOKEN, Server, stop_leftover_jobs
 
 from dmsae_ray import cli
 from dmsae_ray.config import ConfigError, validate
@@ -278,59 +279,127 @@ def test_random_knobs_are_sampled_reproducibly(tiny_dir, tmp_path):
     assert all(t.config.run_dir == str(tmp_path / "s" / "trials" / t.name) for t in a.trials)
 
 
-def test_rest_sweep_as_a_ray_job(ray_head, tiny_dir, tmp_path, monkeypatch):
-    from fastapi.testclient import TestClient
+def test_rest_sweeps_under_uvicorn(ray_head, tiny_dir, tmp_path):
+    """Submit (idempotent, capped), stop after the first trial, resume without rerunning it,
+    read the summary and artefacts, delete: the real app under uvicorn, sweeps as Ray jobs."""
+    import httpx
 
-    from api.app import Settings, create_app
+    server = Server(ray_head["dashboard"], tmp_path, "--max-active-sweeps", "1")
+    server.start()
+    try:
+        with httpx.Client(
+            base_url=server.url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60
+        ) as api:
+            _rest_sweep_lifecycle(api, tiny_dir, tmp_path)
+    finally:
+        server.stop()
+        stop_leftover_jobs(ray_head["dashboard"])
 
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    token = "sweep-token"
-    app = create_app(
-        Settings(runs_root=tmp_path / "api", ray_address=ray_head["dashboard"], token=token)
-    )
-    client = TestClient(app)
-    auth = {"Authorization": f"Bearer {token}"}
-    body = base_config(tiny_dir, tmp_path, distill={"cycles": 0})
+
+def _rest_sweep_lifecycle(api, tiny_dir, tmp_path) -> None:
+    import httpx
+
+    def get(sweep_id: str) -> dict:
+        r = api.get(f"/v1/sweeps/{sweep_id}")
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    def wait(sweep_id: str, pred, timeout: float = 400) -> dict:
+        deadline = time.time() + timeout
+        while not pred(view := get(sweep_id)):
+            assert time.time() < deadline, view
+            time.sleep(0.5)
+        return view
+
+    body = base_config(tiny_dir, tmp_path, distill={"cycles": 2})
     body.pop("run_dir")
     body["sweep"] = {"grid": {"distill.tau": [0.5, 1.5]}}
-
-    assert client.post("/v1/sweeps", json=body).status_code == 401
-    r = client.post("/v1/sweeps", json=body, headers=auth)
+    no_token = httpx.post(str(api.base_url.join("/v1/sweeps")), json=body, timeout=60)
+    assert no_token.status_code == 401
+    r = api.post("/v1/sweeps", json=body)
     assert r.status_code == 422
     assert [e["field"] for e in r.json()["detail"]] == ["sweep.grid.distill.tau"]
-    r = client.post("/v1/sweeps", json=body | {"sweep": {"grid": {"sae.kk": [1]}}}, headers=auth)
+    r = api.post("/v1/sweeps", json=body | {"sweep": {"grid": {"sae.kk": [1]}}})
     assert r.status_code == 422 and r.json()["detail"][0]["field"] == "sweep.grid.sae.kk"
-    r = client.post("/v1/sweeps", json=body | {"run_dir": "/tmp/x"}, headers=auth)
+    r = api.post("/v1/sweeps", json=body | {"run_dir": "/tmp/x"})
     assert r.status_code == 422 and r.json()["detail"][0]["field"] == "run_dir"
-    assert not (tmp_path / "api-sweeps").exists() or not any((tmp_path / "api-sweeps").iterdir())
+    sweeps_dir = tmp_path / "runs-sweeps"
+    assert not sweeps_dir.exists() or not any(sweeps_dir.iterdir())
 
-    body["sweep"] = {"grid": {"distill.tau": [0.5, 0.9]}, "max_concurrent_trials": 2}
-    r = client.post("/v1/sweeps", json=body, headers=auth)
+    # One trial at a time, so the sweep can be stopped between its trials.
+    body["sweep"] = {"grid": {"distill.tau": [0.5, 0.9]}, "max_concurrent_trials": 1}
+    key = {"Idempotency-Key": "sweep-tau-1"}
+    r = api.post("/v1/sweeps", json=body, headers=key)
     assert r.status_code == 201, r.text
     sweep = r.json()
-    assert r.headers["Location"] == f"/v1/sweeps/{sweep['id']}" and sweep["trials"] == 2
-    assert sweep["status"] in ("pending", "running")
-    deadline = time.time() + 400
-    while sweep["status"] not in ("completed", "failed", "stopped"):
-        assert time.time() < deadline, sweep
-        time.sleep(2)
-        sweep = client.get(f"/v1/sweeps/{sweep['id']}", headers=auth).json()
-    logs = client.app.state.sweeps.jobs.logs(sweep["ray_job_id"]) or ""
-    assert sweep["status"] == "completed", (sweep, logs[-3000:])
-    listed = client.get("/v1/sweeps", headers=auth).json()
-    assert [s["id"] for s in listed["items"]] == [sweep["id"]] and listed["total"] == 1
-    summary = client.get(f"/v1/sweeps/{sweep['id']}/summary", headers=auth).json()
+    sid = sweep["id"]
+    assert r.headers["Location"] == f"/v1/sweeps/{sid}" and sweep["trials"] == 2
+    assert sweep["status"] in ("pending", "running") and sweep["idempotency_key"] == "sweep-tau-1"
+    again = api.post("/v1/sweeps", json=body, headers=key)
+    assert again.status_code == 200 and again.json()["id"] == sid
+    assert again.headers["Idempotent-Replayed"] == "true"
+    other = body | {"sweep": body["sweep"] | {"grid": {"distill.tau": [0.7]}}}
+    assert api.post("/v1/sweeps", json=other, headers=key).status_code == 422
+    # The cap is 1: a second sweep waits; an active sweep is neither deleted nor resumed.
+    r = api.post("/v1/sweeps", json=other)
+    assert r.status_code == 429 and r.headers["retry-after"]
+    assert api.delete(f"/v1/sweeps/{sid}").status_code == 409
+    assert api.post(f"/v1/sweeps/{sid}/resume").status_code == 409
+
+    # Stop once the first trial has finished.
+    def first_done(view: dict) -> bool:
+        rows = (view.get("summary") or {}).get("rows", [])
+        return any(row["status"] == "completed" for row in rows) or view["status"] not in (
+            "pending", "running",
+        )
+
+    view = wait(sid, first_done)
+    assert view["status"] == "running", view
+    done = [row for row in view["summary"]["rows"] if row["status"] == "completed"]
+    assert len(done) == 1, view["summary"]["rows"]
+    finished = sweeps_dir / sid / done[0]["run_dir"]
+    committed = mtime(finished)
+    r = api.post(f"/v1/sweeps/{sid}/stop")
+    assert r.status_code == 202, r.text
+    stopped = wait(sid, lambda v: v["status"] not in ("running", "stopping"), timeout=90)
+    assert stopped["status"] == "stopped", stopped
+    assert stopped["ray_job"]["status"] == "STOPPED"
+    assert api.post(f"/v1/sweeps/{sid}/stop").status_code == 200  # idempotent
+    rows = {row["trial"]: row["status"] for row in stopped["summary"]["rows"]}
+    assert sorted(rows.values()) != ["completed", "completed"], rows
+
+    r = api.post(f"/v1/sweeps/{sid}/resume")
+    assert r.status_code == 202, r.text
+    assert r.json()["job_ids"] == [f"dmsae-sweep-{sid}-1", f"dmsae-sweep-{sid}-2"]
+    sweep = wait(sid, lambda v: v["status"] not in ("pending", "running"))
+    assert sweep["status"] == "completed", (sweep, api.get(f"/v1/sweeps/{sid}/logs").text)
+    assert mtime(finished) == committed  # the finished trial was not run again
+    first = api.get(f"/v1/sweeps/{sid}/logs", params={"attempt": 1})
+    assert first.status_code == 200 and f"sweep {sid}" in first.text
+    resumed = api.get(f"/v1/sweeps/{sid}/logs")  # the latest job
+    assert resumed.status_code == 200 and "1 already complete, 1 to run" in resumed.text
+    tail = api.get(f"/v1/sweeps/{sid}/logs", params={"tail": 5}).text
+    assert tail.splitlines() == resumed.text.splitlines()[-5:]
+    assert api.get(f"/v1/sweeps/{sid}/logs", params={"attempt": 3}).status_code == 404
+    listed = api.get("/v1/sweeps").json()
+    assert [s["id"] for s in listed["items"]] == [sid] and listed["total"] == 1
+    summary = api.get(f"/v1/sweeps/{sid}/summary").json()
     assert len(summary["rows"]) == 2
-    sweep_dir = tmp_path / "api-sweeps" / sweep["id"]
     for row in summary["rows"]:
-        state = state_of(sweep_dir / row["run_dir"])
+        state = state_of(sweeps_dir / sid / row["run_dir"])
         assert row["status"] == "completed"
         assert row["core_size"] == state["cycles"][-1]["core_size"]
         assert row["explained_variance"] == state["cycles"][-1]["eval"]["explained_variance"]
-    r = client.get(f"/v1/sweeps/{sweep['id']}/artifacts/{PLOT_CORE}", headers=auth)
+    r = api.get(f"/v1/sweeps/{sid}/artifacts/{PLOT_CORE}")
     assert r.status_code == 200 and r.content[:8] == PNG
-    r = client.get(f"/v1/sweeps/{sweep['id']}/artifacts/summary.csv", headers=auth)
+    r = api.get(f"/v1/sweeps/{sid}/artifacts/summary.csv")
     assert r.status_code == 200 and r.text.count("\n") == 3
-    assert client.get("/v1/sweeps/0123456789ab", headers=auth).status_code == 404
-    r = client.get(f"/v1/sweeps/{sweep['id']}/artifacts/../x", headers=auth)
-    assert r.status_code in (400, 404)
+    assert api.get("/v1/sweeps/0123456789ab").status_code == 404
+    assert api.get(f"/v1/sweeps/{sid}/artifacts/../x").status_code in (400, 404)
+
+    # Finished: it can be deleted, with its trials, and is gone.
+    assert api.post(f"/v1/sweeps/{sid}/resume").status_code == 409
+    assert api.delete(f"/v1/sweeps/{sid}").status_code == 204
+    assert api.get(f"/v1/sweeps/{sid}").status_code == 404
+    assert not (sweeps_dir / sid).exists()
+

@@ -1,0 +1,294 @@
+"""The service's sweeps, with the conventions of its distillations: an Idempotency-Key for
+retried submissions, a cap on active sweeps (429), stop, resume and delete.
+
+Each sweep is the Ray job ``dmsae sweep --config <dir>/request.json --sweep-dir <dir>``; a
+resume is the same command as a new job, which skips finished trials and resumes the others
+after their last committed cycle. The record is ``record.json`` in the sweep directory, not a
+database table: a restarted service lists what is on disk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+import shlex
+import shutil
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from fastapi import HTTPException
+from pydantic import Field
+
+from dmsae_ray import service
+from dmsae_ray.config import RunConfig
+from dmsae_ray.tuning import (
+    RECORD_FILE,
+    REQUEST_FILE,
+    STATE_FILE,
+    SWEEP_FILE,
+    SweepError,
+    SweepSpec,
+    _read_json,
+    _write_json,
+    plan_sweep,
+    summarize,
+)
+
+SWEEP_ID_CHARS = set("0123456789abcdef")
+
+
+class SweepRequest(RunConfig):
+    """``POST /v1/sweeps``: a base run config (``run_dir`` left out) plus its sweep."""
+
+    sweep: SweepSpec = Field(description="the search space; see `dmsae sweep --help`")
+
+
+class SweepNotFound(LookupError):
+    pass
+
+
+def _conflict(code: int, detail: str, headers: dict[str, str] | None = None) -> HTTPException:
+    return HTTPException(code, detail, headers=headers)
+
+
+def sweeps_root(runs_root: Path) -> Path:
+    """Next to the runs root (``runs/api`` -> ``runs/api-sweeps``), so run ids and sweep ids
+    never share a directory."""
+    return runs_root.with_name(runs_root.name + "-sweeps")
+
+
+def request_digest(request: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()
+
+
+class Sweeps:
+    def __init__(self, root: str | Path, jobs: service.RayJobs, max_active: int = 2) -> None:
+        self.root = Path(root).expanduser().resolve()
+        self.jobs = jobs
+        self.max_active = max_active
+        self._submit = threading.Lock()  # cap check, idempotency and submission as one step
+
+    # ------------------------------------------------------------------ records
+    def _dir(self, sweep_id: str) -> Path:
+        d = self.root / sweep_id
+        valid = len(sweep_id) == 12 and set(sweep_id) <= SWEEP_ID_CHARS
+        if not valid or not (d / RECORD_FILE).is_file():
+            raise SweepNotFound(f"no sweep {sweep_id!r}")
+        return d
+
+    def _record(self, sweep_id: str) -> dict[str, Any]:
+        return _read_json(self._dir(sweep_id) / RECORD_FILE) or {}
+
+    def _update(self, sweep_id: str, **fields: Any) -> dict[str, Any]:
+        rec = self._record(sweep_id) | fields
+        _write_json(self.root / sweep_id / RECORD_FILE, rec)
+        return rec
+
+    def ids(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        recs = []
+        for d in self.root.iterdir():
+            rec = _read_json(d / RECORD_FILE)
+            if rec:
+                recs.append((rec.get("created_at", 0), d.name))
+        return [i for _, i in sorted(recs, reverse=True)]
+
+    # ------------------------------------------------------------------ reading
+    def view(self, sweep_id: str, with_summary: bool = True) -> dict[str, Any]:
+        d = self._dir(sweep_id)
+        rec = _read_json(d / RECORD_FILE) or {}
+        state = _read_json(d / STATE_FILE)
+        job, reachable = None, True
+        try:
+            job = self.jobs.info(rec["ray_job_id"])
+        except service.ServiceError:
+            reachable = False
+        try:
+            st_time: float | None = (d / STATE_FILE).stat().st_mtime
+        except FileNotFoundError:
+            st_time = None
+        status, error = service.run_status(
+            state,
+            job,
+            ray_reachable=reachable,
+            stop_requested=rec.get("stop_requested") is not None,
+            state_time=st_time,
+        )
+        plan = _read_json(d / SWEEP_FILE) or {}
+        out: dict[str, Any] = {
+            "id": sweep_id,
+            "name": rec.get("name"),
+            "status": status,
+            "error": error,
+            "trials": len(plan.get("trials", [])),
+            "keys": plan.get("keys", []),
+            "ray_job_id": rec.get("ray_job_id"),
+            "ray_job": job.as_dict() if job else None,
+            "ray_reachable": reachable,
+            "job_ids": rec.get("job_ids", []),
+            "idempotency_key": rec.get("idempotency_key"),
+            "submitter": rec.get("submitter"),
+            "created_at": rec.get("created_at"),
+            "updated_at": (state or {}).get("updated", rec.get("created_at")),
+        }
+        if with_summary:
+            out["spec"] = plan.get("spec")
+            out["summary"] = self.summary(sweep_id) if plan else None
+        return out
+
+    def list(self, status: str | None, limit: int, offset: int) -> dict[str, Any]:
+        views = [self.view(i, with_summary=False) for i in self.ids()]
+        return service.paginate(views, status, limit, offset)
+
+    def summary(self, sweep_id: str) -> dict[str, Any]:
+        """Live: read from the trials' run directories now, not from the last written file."""
+        plan = _read_json(self._dir(sweep_id) / SWEEP_FILE)
+        if not plan:
+            raise SweepNotFound(f"sweep {sweep_id} has no plan yet")
+        return summarize(plan)
+
+    def artifact(self, sweep_id: str, rel: str) -> Path:
+        return service.resolve_artifact(self._dir(sweep_id), rel)
+
+    def active_count(self) -> int:
+        return sum(
+            self.view(i, with_summary=False)["status"] in service.ACTIVE for i in self.ids()
+        )
+
+    # ------------------------------------------------------------------ writing
+    def _check_capacity(self) -> None:
+        if self.active_count() >= self.max_active:
+            raise _conflict(
+                429, f"{self.max_active} sweeps are already active; retry when one finishes",
+                {"Retry-After": "60"},
+            )
+
+    def _by_key(self, key: str) -> dict[str, Any] | None:
+        for sweep_id in self.ids():
+            rec = _read_json(self.root / sweep_id / RECORD_FILE) or {}
+            if rec.get("idempotency_key") == key:
+                return rec
+        return None
+
+    def _submit_job(self, sweep_id: str, job_id: str, submitter: str | None) -> None:
+        d = self.root / sweep_id
+        command = (
+            f"{self.jobs.command} sweep --config {shlex.quote(str(d / REQUEST_FILE))} "
+            f"--sweep-dir {shlex.quote(str(d))}"
+        )
+        env = dict(self.jobs.env_vars)
+        try:
+            # RayJobs.submit builds `dmsae run` entrypoints; its _call keeps the error mapping.
+            self.jobs._call(
+                "submit_job",
+                entrypoint=command,
+                submission_id=job_id,
+                metadata={"dmsae_sweep_id": sweep_id, "submitter": submitter or ""},
+                runtime_env={"env_vars": env} if env else None,
+            )
+        except RuntimeError as err:
+            raise service.ServiceError(f"Ray refused the job: {err}") from None
+        finally:
+            self.jobs.invalidate(job_id)
+
+    def create(
+        self, req: SweepRequest, key: str | None, submitter: str | None
+    ) -> tuple[dict[str, Any], bool]:
+        """(view, created): a retry with the same Idempotency-Key returns the first sweep."""
+        if "run_dir" in req.model_fields_set:
+            raise SweepError([(("run_dir",), "chosen by the server; leave it out")])
+        base = RunConfig.model_validate(req.model_dump(mode="json", exclude={"sweep"}))
+        digest = request_digest(req.model_dump(mode="json"))
+        with self._submit:
+            if key is not None:
+                old = self._by_key(key)
+                if old is not None:
+                    if old.get("request_digest") != digest:
+                        raise _conflict(422, "Idempotency-Key already used for another sweep")
+                    return self.view(old["id"]), False
+            self._check_capacity()
+            sweep_id = secrets.token_hex(6)
+            while (self.root / sweep_id).exists():  # pragma: no cover
+                sweep_id = secrets.token_hex(6)
+            sweep_dir = self.root / sweep_id
+            spec = req.sweep.model_copy(update={"name": req.sweep.name or sweep_id})
+            plan = plan_sweep(base, spec, sweep_dir)  # SweepError before any file is written
+            sweep_dir.mkdir(parents=True)
+            request = base.model_dump(mode="json") | {"sweep": spec.model_dump(mode="json")}
+            _write_json(sweep_dir / REQUEST_FILE, request)
+            _write_json(sweep_dir / SWEEP_FILE, plan.as_dict())
+            job_id = f"dmsae-sweep-{sweep_id}-1"
+            record = {
+                "id": sweep_id,
+                "name": spec.name,
+                "submitter": submitter,
+                "created_at": time.time(),
+                "ray_job_id": job_id,
+                "job_ids": [job_id],
+                "idempotency_key": key,
+                "request_digest": digest,
+                "stop_requested": None,
+            }
+            _write_json(sweep_dir / RECORD_FILE, record)
+            try:
+                self._submit_job(sweep_id, job_id, submitter)
+            except service.ServiceError:
+                shutil.rmtree(sweep_dir, ignore_errors=True)
+                raise
+        return self.view(sweep_id), True
+
+    def stop(self, sweep_id: str) -> tuple[dict[str, Any], int]:
+        """(view, 202), or 200 when already stopped; 409 once finished."""
+        view = self.view(sweep_id, with_summary=False)
+        if view["status"] == service.STOPPED:
+            return self.view(sweep_id), 200
+        if view["status"] in service.TERMINAL:
+            raise _conflict(409, f"sweep {sweep_id} is {view['status']}; nothing to stop")
+        if not view["ray_reachable"]:
+            raise service.RayUnavailable("Ray is unreachable; cannot stop the job")
+        self._update(sweep_id, stop_requested=time.time())
+        self.jobs.stop(view["ray_job_id"])
+        return self.view(sweep_id), 202
+
+    def resume(self, sweep_id: str) -> dict[str, Any]:
+        """A new job on the same sweep directory: finished trials are not rerun."""
+        with self._submit:
+            view = self.view(sweep_id, with_summary=False)
+            if view["status"] not in (service.STOPPED, service.FAILED):
+                raise _conflict(
+                    409,
+                    f"sweep {sweep_id} is {view['status']}; only stopped or failed sweeps resume",
+                )
+            self._check_capacity()
+            rec = self._record(sweep_id)
+            job_id = f"dmsae-sweep-{sweep_id}-{len(rec['job_ids']) + 1}"
+            self._submit_job(sweep_id, job_id, rec.get("submitter"))
+            self._update(
+                sweep_id, ray_job_id=job_id, job_ids=[*rec["job_ids"], job_id],
+                stop_requested=None,
+            )
+        return self.view(sweep_id)
+
+    def delete(self, sweep_id: str) -> None:
+        """Only finished or stopped sweeps: their jobs, trials and files go."""
+        view = self.view(sweep_id, with_summary=False)
+        if view["status"] not in service.TERMINAL:
+            raise _conflict(
+                409, f"sweep {sweep_id} is {view['status']}; stop it before deleting it"
+            )
+        for job_id in view["job_ids"]:
+            try:
+                self.jobs.delete(job_id)
+            except service.ServiceError:
+                break  # Ray down: the jobs stay in its history, the sweep goes anyway
+        shutil.rmtree(self.root / sweep_id, ignore_errors=True)
+
+
+def iter_errors(err: SweepError) -> Any:
+    """422 entries (as FastAPI's own) for a ``SweepError``."""
+    for loc, msg in err.errors:
+        yield {"type": "value_error", "loc": ["body", *loc], "msg": msg}

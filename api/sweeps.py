@@ -202,7 +202,7 @@ class Sweeps:
         if "run_dir" in req.model_fields_set:
             raise SweepError([(("run_dir",), "chosen by the server; leave it out")])
         base = RunConfig.model_validate(req.model_dump(mode="json", exclude={"sweep"}))
-        digest = request_digest(req.model_dump(mode="json"))
+        digest = request_digest(req.model_dump(mode="json", exclude_defaults=True))
         with self._submit:
             if key is not None:
                 old = self._by_key(key)

@@ -71,8 +71,10 @@ def prepare_run(cfg: RunConfig, run_dir: str | Path) -> tuple[RunConfig, Path]:
 
 
 def config_digest(cfg: RunConfig) -> str:
-    """A hash of what a run computes (its run_dir left out): equal configs, equal digests."""
-    data = cfg.model_dump(mode="json")
+    """A hash of what a run computes (its run_dir left out): equal configs, equal digests.
+    Values at their default are left out too, so a default written out changes nothing and a
+    server upgrade that adds a config key still recognises an earlier submission's retry."""
+    data = cfg.model_dump(mode="json", exclude_defaults=True)
     data.pop("run_dir", None)
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 

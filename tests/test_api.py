@@ -120,6 +120,15 @@ def test_run_status_combines_state_and_job():
     assert run_status(None, None, ray_reachable=False) == ("pending", None)
 
 
+def test_config_digest_ignores_defaults_and_run_dir():
+    from dmsae_ray.config import validate
+    from dmsae_ray.service import config_digest
+
+    plain = config_digest(validate({}))
+    assert config_digest(validate({"distill": {"tau": 0.9}, "run_dir": "/elsewhere"})) == plain
+    assert config_digest(validate({"distill": {"tau": 0.8}})) != plain
+
+
 def test_artifact_paths_are_confined(tmp_path):
     from dmsae_ray.service import ArtifactPathError, list_artifacts, resolve_artifact
 

@@ -73,6 +73,11 @@ def write_token_blocks(
     return n
 
 
+def has_block_index(tokens_dir: Path) -> bool:
+    files = sorted(Path(tokens_dir).glob("*.parquet"))
+    return bool(files) and "block" in pq.read_schema(files[0]).names
+
+
 def blocks_needed(cfg: RunConfig) -> int:
     return math.ceil(cfg.train.tokens_per_cycle / (cfg.data.context_length - 1))
 

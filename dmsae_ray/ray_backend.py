@@ -4,6 +4,7 @@ pool for evaluation and attribution, and the coordinator actor owning the run's 
 from __future__ import annotations
 
 import math
+import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -18,6 +19,7 @@ from dmsae_ray.activations import (
     cache_key,
     cache_location,
     cached_dataset,
+    has_block_index,
     write_token_blocks,
 )
 from dmsae_ray.config import RunConfig
@@ -57,6 +59,10 @@ class RayBackend:
 
     def _tokens(self) -> Path:
         tokens = self.rd.root / "tokens"
+        if tokens.is_dir() and not has_block_index(tokens):
+            # Written before blocks carried their index; the same tokens come out again.
+            self.log(f"rewriting {tokens} with block indices")
+            shutil.rmtree(tokens)
         if not tokens.is_dir():
             self.state.set_stage("tokenize")
             write_token_blocks(self.data.train_blocks(), tokens, blocks_needed(self.cfg), self.log)

@@ -62,3 +62,21 @@ def test_training_batches_do_not_depend_on_the_order_rows_arrive_in(ray_head):
     # A share larger than the memory budget streams, epoch after epoch.
     streamed = _batches(_shard(rows, pos, np.arange(600)), 64, cpu, seed=5, cache_bytes=0)
     assert all(x.shape == (64, 8) for x in itertools.islice(streamed, 20))
+
+
+def test_token_blocks_carry_their_global_index(tmp_path, monkeypatch):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from dmsae_ray import activations
+
+    monkeypatch.setattr(activations, "BLOCKS_PER_FILE", 4)  # several files from 10 blocks
+    blocks = (torch.full((6,), i) for i in range(10))
+    activations.write_token_blocks(blocks, tmp_path / "tokens", 10, log=lambda s: None)
+    files = sorted((tmp_path / "tokens").glob("*.parquet"))
+    tables = [pq.read_table(f) for f in files]
+    assert [t.column("block").to_pylist() for t in tables] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    assert [row[0] for t in tables for row in t.column("ids").to_pylist()] == list(range(10))
+    assert activations.has_block_index(tmp_path / "tokens")
+    pq.write_table(pa.table({"ids": [[1, 2]]}), files[0])  # the format before block indices
+    assert not activations.has_block_index(tmp_path / "tokens")

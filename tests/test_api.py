@@ -274,9 +274,16 @@ def test_submit_is_idempotent(api, tiny_dir, runs):
     assert page["total"] == 1 and page["items"][0]["id"] == run["id"]
 
 
+STOP_CYCLES = 3
+
+
 def test_stop_resume_and_limits(api, tiny_dir, runs):
-    # The second run: cycle 0 plus 2 more, long enough to be stopped after its first commit.
-    r = api.post("/v1/distillations", json=body(tiny_dir, distill={"cycles": 2}))
+    # The second run: cycle 0 plus 3 more, each training 2^20 tokens (seconds, where the
+    # tiny default trains in a tenth of one): long enough to be seen and stopped part-way.
+    slow = {"tokens_per_cycle": 2**20, "log_every": 500, "checkpoint_every": 1000}
+    r = api.post(
+        "/v1/distillations", json=body(tiny_dir, distill={"cycles": STOP_CYCLES}, train=slow)
+    )
     assert r.status_code == 201, r.text
     rid = runs["stop"] = r.json()["id"]
     # Two runs are active and the cap is 2: a third waits.
@@ -291,13 +298,14 @@ def test_stop_resume_and_limits(api, tiny_dir, runs):
     view = wait_for(
         api, rid, lambda v: v["cycle"] >= 1 or v["status"] not in ("pending", "running"), every=0.2
     )
-    assert view["status"] == "running" and view["cycle"] == 1, view
+    assert view["status"] == "running" and 1 <= view["cycle"] <= STOP_CYCLES, view
     stop = api.post(f"/v1/distillations/{rid}/stop")
     assert stop.status_code == 202, stop.text
     stopped = wait_for(api, rid, lambda v: v["status"] == "stopped", timeout=60)
     assert stopped["ray_job"]["status"] == "STOPPED"
     assert api.post(f"/v1/distillations/{rid}/stop").status_code == 200  # idempotent
-    assert stopped["cycle"] in (1, 2) and stopped["cycle"] == len(stopped["cycles"])
+    assert 1 <= stopped["cycle"] <= STOP_CYCLES, stopped  # committed some, not all
+    assert stopped["cycle"] == len(stopped["cycles"])
     first_cycle = stopped["cycles"][0]
 
     r = api.post(f"/v1/distillations/{rid}/resume")
@@ -337,12 +345,13 @@ def test_stop_resume_and_limits(api, tiny_dir, runs):
     assert kinds[-1] == "end" and events[-1]["data"]["status"] == "completed", events[-3:]
     statuses = [e["data"]["status"] for e in events if e["event"] == "progress"]
     assert "running" in statuses and statuses[-1] == "completed"
-    assert [e["data"]["cycle"] for e in events if e["event"] == "cycle"] == [0, 1, 2]
+    cycles = list(range(STOP_CYCLES + 1))
+    assert [e["data"]["cycle"] for e in events if e["event"] == "cycle"] == cycles
     stages = {e["data"]["stage"] for e in events if e["event"] == "progress"}
     assert len(stages) > 1  # progress as it happens, not one final snapshot
 
     done = api.get(f"/v1/distillations/{rid}").json()
-    assert done["status"] == "completed" and done["cycle"] == 3 and done["error"] is None
+    assert done["status"] == "completed" and done["cycle"] == len(cycles) and not done["error"]
     assert done["cycles"][0] == first_cycle  # committed before the stop, not recomputed
     logs = api.get(f"/v1/distillations/{rid}/logs")
     assert logs.status_code == 200 and "resuming" in logs.text

@@ -533,6 +533,24 @@ def create_app(settings: Settings) -> FastAPI:
         is active)."""
         _sweeps_call(sweeps.delete, sweep_id)
 
+    @v1.get(
+        "/sweeps/{sweep_id}/events",
+        tags=["sweeps"],
+        response_class=StreamingResponse,
+        responses={200: {"content": {"text/event-stream": {}},
+                         "description": "`progress`, `trial` and a final `end` event"}},
+    )
+    async def sweep_events(sweep_id: str) -> StreamingResponse:
+        """Server-sent events: `progress` (status, trial counts by status) on every change,
+        `trial` with a trial's summary row whenever it changes (a committed cycle, its end),
+        and `end` once the sweep is terminal."""
+        _sweeps_call(sweeps.view, sweep_id, False)
+        return StreamingResponse(
+            _sweep_event_stream(sweeps, sweep_id, settings),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+
     @v1.get("/sweeps/{sweep_id}/logs", response_class=PlainTextResponse, tags=["sweeps"])
     def sweep_logs(
         sweep_id: str,
@@ -587,6 +605,38 @@ def _job_logs(
 def _sse(event: str, data: Any, event_id: int | None = None) -> str:
     head = f"id: {event_id}\n" if event_id is not None else ""
     return f"{head}event: {event}\ndata: {json.dumps(jsonable_encoder(data))}\n\n"
+
+
+async def _sweep_event_stream(sweeps: Sweeps, sweep_id: str, settings: Settings):
+    seq, last, rows, last_sent = 0, None, {}, time.monotonic()
+    while True:
+        try:
+            view = await asyncio.to_thread(sweeps.view, sweep_id)
+        except SweepNotFound:
+            yield _sse("end", {"id": sweep_id, "status": "deleted"})
+            return
+        summary = view.get("summary") or {}
+        for row in summary.get("rows", []):
+            if rows.get(row["trial"]) != row:
+                rows[row["trial"]] = row
+                seq += 1
+                yield _sse("trial", row, seq)
+        keys = ("status", "error", "ray_job_id", "trials")
+        current = {k: view[k] for k in keys} | {
+            "id": sweep_id, "counts": summary.get("counts", {}),
+        }
+        if current != last:
+            seq += 1
+            yield _sse("progress", current, seq)
+            last, last_sent = current, time.monotonic()
+        elif time.monotonic() - last_sent > settings.keepalive:
+            yield ": keep-alive\n\n"
+            last_sent = time.monotonic()
+        if view["status"] in service.TERMINAL:
+            seq += 1
+            yield _sse("end", current, seq)
+            return
+        await asyncio.sleep(settings.poll_interval)
 
 
 async def _event_stream(runs: Runs, run_id: str):

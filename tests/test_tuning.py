@@ -371,7 +371,26 @@ def _rest_sweep_lifecycle(api, tiny_dir, tmp_path) -> None:
     r = api.post(f"/v1/sweeps/{sid}/resume")
     assert r.status_code == 202, r.text
     assert r.json()["job_ids"] == [f"dmsae-sweep-{sid}-1", f"dmsae-sweep-{sid}-2"]
-    sweep = wait(sid, lambda v: v["status"] not in ("pending", "running"))
+    # The event stream follows the resumed sweep to its end.
+    events, event = [], {}
+    with api.stream("GET", f"/v1/sweeps/{sid}/events", timeout=400) as stream:
+        assert stream.status_code == 200
+        assert stream.headers["content-type"].startswith("text/event-stream")
+        for line in stream.iter_lines():
+            if line.startswith("event: "):
+                event["event"] = line[7:]
+            elif line.startswith("data: "):
+                event["data"] = json.loads(line[6:])
+            elif line == "" and event:
+                events.append(event)
+                event = {}
+    assert events[-1]["event"] == "end", events[-3:]
+    trials = [e["data"] for e in events if e["event"] == "trial"]
+    resumed_trial = next(r for r in trials if r["trial"] != done[0]["trial"])
+    assert [r["status"] for r in trials if r["trial"] == resumed_trial["trial"]][-1] == "completed"
+    progress = [e["data"] for e in events if e["event"] == "progress"]
+    assert progress[-1]["counts"] == {"completed": 2} and progress[-1]["trials"] == 2
+    sweep = get(sid)
     assert sweep["status"] == "completed", (sweep, api.get(f"/v1/sweeps/{sid}/logs").text)
     assert mtime(finished) == committed  # the finished trial was not run again
     first = api.get(f"/v1/sweeps/{sid}/logs", params={"attempt": 1})

@@ -35,16 +35,18 @@ FAULT_ENV = "DMSAE_FAULT_INJECT_STEP"  # tests: fail once at this step, before a
 
 
 def _batches(
-    shard, batch_size: int, device: torch.device, seed: int, cache_bytes: int
+    shard, batch_size: int, device: torch.device, seed: int, cache_bytes: int, done: int = 0
 ) -> Iterator[Tensor]:
     """Endless batches: a corpus smaller than the tokens of a cycle is read for several epochs.
 
     Ray Data hands rows on in an order that changes from run to run. When this worker's share
     fits in ``cache_bytes`` (as in every test and the embedded default), it is read whole,
     sorted by token-stream position and reshuffled from memory every epoch with a seeded
-    generator: the same rows give the same batches in every run, and a resumed cycle can skip
-    exactly the batches already trained on. A larger share streams (first epoch from what was
-    read so far, then the rest) through a seeded shuffle buffer, in arrival order.
+    generator: the same rows give the same batches in every run, and a cycle resumed after
+    ``done`` steps skips exactly the batches already trained on (a cheap skip: permutations).
+    A larger share streams (first epoch from what was read so far, then the rest) through a
+    seeded shuffle buffer, in arrival order; a resumed cycle restarts that stream instead of
+    skipping, since skipping would mean computing ``done`` batches of activations to drop them.
     """
     def to_device(x: Tensor) -> Tensor:
         # Pinned host memory lets the copy to the GPU overlap the previous step.
@@ -67,7 +69,7 @@ def _batches(
             raise ValueError(f"the activation stream has fewer than {batch_size} rows")
         x = torch.cat([b["x"] for b in kept])
         x = x[torch.argsort(torch.cat([b["pos"] for b in kept]))].to(device)
-        yield from CachedActivations.epochs(x, batch_size, seed)
+        yield from itertools.islice(CachedActivations.epochs(x, batch_size, seed), done, None)
         return
 
     epoch: Iterator[dict[str, Tensor]] = itertools.chain(kept, first)
@@ -89,21 +91,19 @@ def train_loop_per_worker(config: dict) -> None:
     sae.fast = cfg.train.fast_path
     per_worker = max(1, cfg.train.batch_size // world)
     seed = cfg.train.seed + config["cycle"] + 7919 * rank
-    shard = ray.train.get_dataset_shard("train")
-    batches = _batches(shard, per_worker, device, seed, cfg.train.epoch_cache_mb * 2**20)
-    norm_factor = float(config["norm_factor"])
-    batches = (x / norm_factor for x in batches)
-
     trainer = SAETrainer(sae, cfg.sae, cfg.train, init_b_dec=False)
     ckpt = ray.train.get_checkpoint()
     if ckpt:
         with ckpt.as_directory() as d:
             trainer.load_state_dict(torch.load(Path(d) / "trainer.pt", map_location=device))
-        # Continue where the stream was, not at its start: the batches already trained on are
-        # read and dropped, so a resumed cycle sees exactly the batches of an uninterrupted one.
-        batches = itertools.islice(batches, trainer.step_count, None)
         print(f"[cycle {config['cycle']}] resuming from step {trainer.step_count}", flush=True)
-    else:
+    shard = ray.train.get_dataset_shard("train")
+    batches = _batches(
+        shard, per_worker, device, seed, cfg.train.epoch_cache_mb * 2**20, trainer.step_count
+    )
+    norm_factor = float(config["norm_factor"])
+    batches = (x / norm_factor for x in batches)
+    if not ckpt:
         first = next(batches)
         sae.init_b_dec(first)  # DDP's construction broadcasts rank 0's to every rank
         batches = itertools.chain([first], batches)

@@ -59,6 +59,9 @@ def test_training_batches_do_not_depend_on_the_order_rows_arrive_in(ray_head):
     # Every epoch is a permutation of the rows (up to the batch remainder).
     epoch = torch.cat(a[:9])
     assert len(torch.unique(epoch, dim=0)) == 9 * 64
+    # A worker resumed after 7 steps gets the batches an uninterrupted one has from step 8.
+    resumed = _batches(_shard(rows, pos, np.arange(600)), 64, cpu, 5, 1 << 20, done=7)
+    assert all(torch.equal(x, y) for x, y in zip(itertools.islice(resumed, 18), a[7:], strict=True))
     # A share larger than the memory budget streams, epoch after epoch.
     streamed = _batches(_shard(rows, pos, np.arange(600)), 64, cpu, seed=5, cache_bytes=0)
     assert all(x.shape == (64, 8) for x in itertools.islice(streamed, 20))

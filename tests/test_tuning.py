@@ -311,7 +311,10 @@ def _rest_sweep_lifecycle(api, tiny_dir, tmp_path) -> None:
             time.sleep(0.5)
         return view
 
-    body = base_config(tiny_dir, tmp_path, distill={"cycles": 2})
+    # Trials of a few seconds each (2^18 tokens per cycle; the tiny default trains in a tenth
+    # of a second), so that the sweep can be seen and stopped between its two trials.
+    slow = {"tokens_per_cycle": 2**18, "log_every": 500, "checkpoint_every": 1000}
+    body = base_config(tiny_dir, tmp_path, distill={"cycles": 2}, train=slow)
     body.pop("run_dir")
     body["sweep"] = {"grid": {"distill.tau": [0.5, 1.5]}}
     no_token = httpx.post(str(api.base_url.join("/v1/sweeps")), json=body, timeout=60)

@@ -46,6 +46,10 @@ METRICS = ("core_size", "fraction", "jaccard")
 EVAL = ("l0", "core_l0", "explained_variance", "ce_loss_score")
 
 
+# 2^18 tokens per cycle: seconds per cycle where the tiny default takes a tenth of one.
+SLOW_TRAIN = {"tokens_per_cycle": 2**18, "log_every": 500, "checkpoint_every": 1000}
+
+
 def base_config(tiny_dir, tmp: Path, **sections) -> dict:
     sections = {"distill": {"cycles": 1}} | sections
     return tiny_config(tiny_dir, tmp / "unused-run-dir", **sections)
@@ -174,7 +178,9 @@ def _kill_when(cmd: list[str], env: dict, ready: Callable[[], bool]) -> str:
 
 def test_killed_sweep_resumes_without_rerunning_finished_trials(ray_head, tiny_dir, tmp_path):
     config = tmp_path / "base.yaml"
-    cfg = base_config(tiny_dir, tmp_path)
+    # Cycles of a few seconds (the tiny default's take a tenth of one): "killed while the first
+    # trial runs" must not race the trial's end.
+    cfg = base_config(tiny_dir, tmp_path, train=SLOW_TRAIN)
     # One trial at a time: the second starts only once the first has completed, so "the
     # second has begun" is a deterministic moment to kill at.
     cfg["sweep"] = {"grid": {"distill.tau": [0.6, 0.8]}, "max_concurrent_trials": 1}
@@ -311,10 +317,8 @@ def _rest_sweep_lifecycle(api, tiny_dir, tmp_path) -> None:
             time.sleep(0.5)
         return view
 
-    # Trials of a few seconds each (2^18 tokens per cycle; the tiny default trains in a tenth
-    # of a second), so that the sweep can be seen and stopped between its two trials.
-    slow = {"tokens_per_cycle": 2**18, "log_every": 500, "checkpoint_every": 1000}
-    body = base_config(tiny_dir, tmp_path, distill={"cycles": 2}, train=slow)
+    # Trials of a few seconds each, so that the sweep can be seen and stopped between them.
+    body = base_config(tiny_dir, tmp_path, distill={"cycles": 2}, train=SLOW_TRAIN)
     body.pop("run_dir")
     body["sweep"] = {"grid": {"distill.tau": [0.5, 1.5]}}
     no_token = httpx.post(str(api.base_url.join("/v1/sweeps")), json=body, timeout=60)

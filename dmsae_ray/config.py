@@ -15,7 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from dmsae_ray.storage import check_location
+from dmsae_ray.storage import check_location, is_uri
 
 # SAEBench / dictionary_learning Matryoshka group fractions (ALGORITHM.md 4.1).
 DEFAULT_GROUP_FRACTIONS = [1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2 + 1 / 32]
@@ -199,6 +199,14 @@ class RunConfig(_Strict):
             )
         if self.data.context_length < 2:
             raise ValueError("data.context_length must be >= 2")
+        for field, value in (("run_dir", self.run_dir), ("distill.init_core",
+                                                          self.distill.init_core)):
+            if value is not None and is_uri(value):
+                raise ValueError(
+                    f"{field}: {value!r} is a URI; run directories must be paths every node "
+                    "sees (a shared or mounted filesystem, see cluster/README.md); "
+                    "data.activation_cache takes s3:// and gs:// URIs"
+                )
         if self.data.activation_cache is not None and not self.ray.enabled:
             raise ValueError(
                 "data.activation_cache needs ray.enabled: true (without Ray the cache is "

@@ -34,6 +34,10 @@ def test_locations_are_checked_before_any_work(tmp_path):
         validate(cfg(activation_cache="s3://k:s@bucket/x"))
     with pytest.raises(ConfigError, match="set data.cache_activations: true"):
         validate(cfg(activation_cache="s3://bucket/x", cache_activations=False))
+    remote = cfg()
+    remote["run_dir"] = "s3://bucket/runs/a"
+    with pytest.raises(ConfigError, match="run_dir: 's3://bucket/runs/a' is a URI"):
+        validate(remote)
     off = cfg(activation_cache="s3://bucket/x")
     off["ray"] = {"enabled": False}
     with pytest.raises(ConfigError, match="needs ray.enabled: true"):

@@ -268,7 +268,6 @@ class RayJobs:
             return self._fetch(job_id)
 
     def _fetch(self, job_id: str) -> JobInfo | None:
-        now = time.monotonic()
         try:
             info: JobInfo | None = _job_info(self._call("get_job_info", job_id))
         except RayUnavailable:
@@ -277,8 +276,9 @@ class RayJobs:
             if "404" not in str(err) and "does not exist" not in str(err):
                 raise ServiceError(str(err)) from None
             info = None
+        # Stamped when the answer came: callers queued behind a slow fetch reuse it.
         with self._lock:
-            self._cache[job_id] = (now, info)
+            self._cache[job_id] = (time.monotonic(), info)
         return info
 
     def all(self) -> dict[str, JobInfo]:

@@ -150,6 +150,32 @@ def test_artifact_paths_are_confined(tmp_path):
     assert [a["path"] for a in list_artifacts(root)] == ["cycles/000/core.json"]
 
 
+def test_concurrent_status_reads_share_one_job_server_call(ray_cluster):
+    from dmsae_ray.service import RayJobs
+
+    jobs = RayJobs(ray_cluster, cache_ttl=30)
+    calls: list[str] = []
+    real = jobs._call
+
+    def counted(name, *args, **kwargs):  # the real call, counted
+        calls.append(name)
+        time.sleep(0.5)  # a busy dashboard
+        return real(name, *args, **kwargs)
+
+    jobs._call = counted
+    results: list[object] = []
+    threads = [
+        threading.Thread(target=lambda: results.append(jobs.info("dmsae-unknown-1")))
+        for _ in range(20)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == [None] * 20  # unknown to the cluster
+    assert calls == ["get_job_info"]
+
+
 def test_job_gpus_only_when_the_driver_does_the_work():
     from dmsae_ray.config import RunConfig
     from dmsae_ray.service import entrypoint, job_resources

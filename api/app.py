@@ -14,6 +14,7 @@ import secrets
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
@@ -399,7 +400,7 @@ def create_app(settings: Settings) -> FastAPI:
         `cycle` for each committed cycle, and `end` once the run is terminal."""
         runs.record(run_id)
         return StreamingResponse(
-            _event_stream(runs, run_id),
+            _run_events(runs, run_id),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
@@ -546,7 +547,7 @@ def create_app(settings: Settings) -> FastAPI:
         and `end` once the sweep is terminal."""
         _sweeps_call(sweeps.view, sweep_id, False)
         return StreamingResponse(
-            _sweep_event_stream(sweeps, sweep_id, settings),
+            _sweep_events(sweeps, sweep_id, settings),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
@@ -607,52 +608,29 @@ def _sse(event: str, data: Any, event_id: int | None = None) -> str:
     return f"{head}event: {event}\ndata: {json.dumps(jsonable_encoder(data))}\n\n"
 
 
-async def _sweep_event_stream(sweeps: Sweeps, sweep_id: str, settings: Settings):
-    seq, last, rows, last_sent = 0, None, {}, time.monotonic()
+async def _follow(
+    snapshot: Callable[[], dict | None],
+    ident: dict[str, str],
+    event: str,
+    items: Callable[[dict], list[tuple[Any, dict]]],
+    progress: Callable[[dict], dict],
+    settings: Settings,
+):
+    """Server-sent events of a run or sweep: ``event`` for each keyed item (a committed cycle,
+    a trial's row) that is new or changed, ``progress`` when the progress view changes, a
+    keep-alive comment when nothing does, and ``end`` once the status is terminal."""
+    seq, last, seen, last_sent = 0, None, {}, time.monotonic()
     while True:
-        try:
-            view = await asyncio.to_thread(sweeps.view, sweep_id)
-        except SweepNotFound:
-            yield _sse("end", {"id": sweep_id, "status": "deleted"})
-            return
-        summary = view.get("summary") or {}
-        for row in summary.get("rows", []):
-            if rows.get(row["trial"]) != row:
-                rows[row["trial"]] = row
-                seq += 1
-                yield _sse("trial", row, seq)
-        keys = ("status", "error", "ray_job_id", "trials")
-        current = {k: view[k] for k in keys} | {
-            "id": sweep_id, "counts": summary.get("counts", {}),
-        }
-        if current != last:
-            seq += 1
-            yield _sse("progress", current, seq)
-            last, last_sent = current, time.monotonic()
-        elif time.monotonic() - last_sent > settings.keepalive:
-            yield ": keep-alive\n\n"
-            last_sent = time.monotonic()
-        if view["status"] in service.TERMINAL:
-            seq += 1
-            yield _sse("end", current, seq)
-            return
-        await asyncio.sleep(settings.poll_interval)
-
-
-async def _event_stream(runs: Runs, run_id: str):
-    settings = runs.settings
-    seq, last, sent_cycles, last_sent = 0, None, 0, time.monotonic()
-    while True:
-        view = await asyncio.to_thread(runs.snapshot, run_id)
+        view = await asyncio.to_thread(snapshot)
         if view is None:
-            yield _sse("end", {"id": run_id, "status": "deleted"})
+            yield _sse("end", ident | {"status": "deleted"})
             return
-        for summary in view["cycles"][sent_cycles:]:
-            seq += 1
-            yield _sse("cycle", summary, seq)
-        sent_cycles = len(view["cycles"])
-        keys = ("status", "error", "cycle", "stage", "progress", "ray_job_id")
-        current = {k: view[k] for k in keys} | {"id": run_id, "core_size": view["core_size"]}
+        for key, data in items(view):
+            if seen.get(key) != data:
+                seen[key] = data
+                seq += 1
+                yield _sse(event, data, seq)
+        current = ident | progress(view)
         if current != last:
             seq += 1
             yield _sse("progress", current, seq)
@@ -665,3 +643,38 @@ async def _event_stream(runs: Runs, run_id: str):
             yield _sse("end", current, seq)
             return
         await asyncio.sleep(settings.poll_interval)
+
+
+def _run_events(runs: Runs, run_id: str):
+    keys = ("status", "error", "cycle", "stage", "progress", "ray_job_id", "core_size")
+    return _follow(
+        lambda: runs.snapshot(run_id),
+        {"id": run_id},
+        "cycle",
+        lambda view: [(c["cycle"], c) for c in view["cycles"]],
+        lambda view: {k: view[k] for k in keys},
+        runs.settings,
+    )
+
+
+def _sweep_events(sweeps: Sweeps, sweep_id: str, settings: Settings):
+    def snapshot() -> dict | None:
+        try:
+            return sweeps.view(sweep_id)
+        except SweepNotFound:
+            return None
+
+    def progress(view: dict) -> dict:
+        counts = (view.get("summary") or {}).get("counts", {})
+        return {k: view[k] for k in ("status", "error", "ray_job_id", "trials")} | {
+            "counts": counts
+        }
+
+    return _follow(
+        snapshot,
+        {"id": sweep_id},
+        "trial",
+        lambda view: [(r["trial"], r) for r in (view.get("summary") or {}).get("rows", [])],
+        progress,
+        settings,
+    )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -118,3 +119,20 @@ def stop_leftover_jobs(address: str) -> None:
     while live and time.monotonic() < deadline:
         live = [j for j in live if not client.get_job_status(j).is_terminal()]
         time.sleep(1)
+
+
+def read_events(api: httpx.Client, path: str, timeout: float = 300) -> list[dict]:
+    """Every server-sent event of ``path`` until the server ends the stream."""
+    events, event = [], {}
+    with api.stream("GET", path, timeout=timeout) as stream:
+        assert stream.status_code == 200
+        assert stream.headers["content-type"].startswith("text/event-stream")
+        for line in stream.iter_lines():
+            if line.startswith("event: "):
+                event["event"] = line[7:]
+            elif line.startswith("data: "):
+                event["data"] = json.loads(line[6:])
+            elif line == "" and event:
+                events.append(event)
+                event = {}
+    return events

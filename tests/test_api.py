@@ -6,7 +6,6 @@ other in file order (run with -x)."""
 from __future__ import annotations
 
 import http.client
-import json
 import subprocess
 import sys
 import threading
@@ -17,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 from conftest import tiny_config
-from serving import ENV, TOKEN, Server, _env, stop_leftover_jobs
+from serving import ENV, TOKEN, Server, _env, read_events, stop_leftover_jobs
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -354,19 +353,7 @@ def test_stop_resume_and_limits(api, tiny_dir, runs):
     assert [code for code, _ in results] == [200] * 50
     assert {status for _, status in results} <= {"pending", "running"}
     # The event stream follows the resumed run to its end.
-    events = []
-    with api.stream("GET", f"/v1/distillations/{rid}/events", timeout=300) as s:
-        assert s.status_code == 200
-        assert s.headers["content-type"].startswith("text/event-stream")
-        event = {}
-        for line in s.iter_lines():
-            if line.startswith("event: "):
-                event["event"] = line[7:]
-            elif line.startswith("data: "):
-                event["data"] = json.loads(line[6:])
-            elif line == "" and event:
-                events.append(event)
-                event = {}
+    events = read_events(api, f"/v1/distillations/{rid}/events")
     kinds = [e["event"] for e in events]
     assert kinds[-1] == "end" and events[-1]["data"]["status"] == "completed", events[-3:]
     statuses = [e["data"]["status"] for e in events if e["event"] == "progress"]

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import tiny_config
-from serving import TOKEN, Server, stop_leftover_jobs
+from serving import TOKEN, Server, read_events, stop_leftover_jobs
 
 from dmsae_ray import cli
 from dmsae_ray.config import ConfigError, validate
@@ -379,18 +379,7 @@ def _rest_sweep_lifecycle(api, tiny_dir, tmp_path) -> None:
     assert r.status_code == 202, r.text
     assert r.json()["job_ids"] == [f"dmsae-sweep-{sid}-1", f"dmsae-sweep-{sid}-2"]
     # The event stream follows the resumed sweep to its end.
-    events, event = [], {}
-    with api.stream("GET", f"/v1/sweeps/{sid}/events", timeout=400) as stream:
-        assert stream.status_code == 200
-        assert stream.headers["content-type"].startswith("text/event-stream")
-        for line in stream.iter_lines():
-            if line.startswith("event: "):
-                event["event"] = line[7:]
-            elif line.startswith("data: "):
-                event["data"] = json.loads(line[6:])
-            elif line == "" and event:
-                events.append(event)
-                event = {}
+    events = read_events(api, f"/v1/sweeps/{sid}/events", timeout=400)
     assert events[-1]["event"] == "end", events[-3:]
     trials = [e["data"] for e in events if e["event"] == "trial"]
     resumed_trial = next(r for r in trials if r["trial"] != done[0]["trial"])

@@ -65,6 +65,19 @@ class Settings:
             self.db_path = self.runs_root.with_name(self.runs_root.name + ".sqlite3")
 
 
+IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", max_length=255)]
+Submitter = Annotated[str | None, Header(alias="X-Submitter", max_length=200)]
+
+
+def _submitted(view: dict, created: bool, location: str) -> JSONResponse:
+    """201 with Location for a new run or sweep; 200 for an idempotent retry's first one."""
+    if created:
+        return JSONResponse(status_code=201, content=jsonable_encoder(view),
+                            headers={"Location": location})
+    return JSONResponse(status_code=200, content=jsonable_encoder(view),
+                        headers={"Idempotent-Replayed": "true"})
+
+
 def _error(code: int, detail: Any, headers: dict[str, str] | None = None) -> HTTPException:
     return HTTPException(code, detail, headers=headers)
 
@@ -337,21 +350,15 @@ def create_app(settings: Settings) -> FastAPI:
     def create(
         cfg: RunConfig,
         request: Request,
-        idempotency_key: Annotated[
-            str | None, Header(alias="Idempotency-Key", max_length=255)
-        ] = None,
-        submitter: Annotated[str | None, Header(alias="X-Submitter", max_length=200)] = None,
+        idempotency_key: IdempotencyKey = None,
+        submitter: Submitter = None,
     ) -> Any:
         """Start a distillation (the body is a run config; `run_dir` is chosen by the server).
         A retry with the same `Idempotency-Key` returns the first run (200) instead."""
         who = submitter or (request.client.host if request.client else None)
         rec, created = runs.create(cfg, idempotency_key, who)
         view = runs.view(runs.record(rec.id))
-        if created:
-            return JSONResponse(status_code=201, content=jsonable_encoder(view),
-                                headers={"Location": f"/v1/distillations/{rec.id}"})
-        return JSONResponse(status_code=200, content=jsonable_encoder(view),
-                            headers={"Idempotent-Replayed": "true"})
+        return _submitted(view, created, f"/v1/distillations/{rec.id}")
 
     @v1.get("/distillations", response_model=DistillationPage, tags=["distillations"])
     def list_runs(
@@ -484,10 +491,8 @@ def create_app(settings: Settings) -> FastAPI:
     def create_sweep(
         req: SweepRequest,
         request: Request,
-        idempotency_key: Annotated[
-            str | None, Header(alias="Idempotency-Key", max_length=255)
-        ] = None,
-        submitter: Annotated[str | None, Header(alias="X-Submitter", max_length=200)] = None,
+        idempotency_key: IdempotencyKey = None,
+        submitter: Submitter = None,
     ) -> Any:
         """Start a sweep: a base run config plus a `sweep` section (grid, random, num_samples,
         max_concurrent_trials, ...), run as the Ray job `dmsae sweep`. Every trial's config is
@@ -495,11 +500,7 @@ def create_app(settings: Settings) -> FastAPI:
         same `Idempotency-Key` returns the first sweep (200); beyond the active-sweep cap, 429."""
         who = submitter or (request.client.host if request.client else None)
         view, created = _sweeps_call(sweeps.create, req, idempotency_key, who)
-        if created:
-            return JSONResponse(status_code=201, content=jsonable_encoder(view),
-                                headers={"Location": f"/v1/sweeps/{view['id']}"})
-        return JSONResponse(status_code=200, content=jsonable_encoder(view),
-                            headers={"Idempotent-Replayed": "true"})
+        return _submitted(view, created, f"/v1/sweeps/{view['id']}")
 
     @v1.get("/sweeps", tags=["sweeps"])
     def list_sweeps(

@@ -569,17 +569,9 @@ class MatryoshkaBatchTopKSAE(nn.Module):
         self.update_fired_sparse(codes, x.shape[0])
         total = recon_loss + aux_alpha * aux
         nnz = (codes.f_core > 0).sum() + (codes.vals > 0).sum()
-        return total, {
-            "loss": total.detach(),
-            "mse": level_mse[-1].detach(),
-            "nested_mse": level_mse[0].detach(),
-            "level_mse": level_mse.detach(),
-            "aux_loss": aux.detach(),
-            "l0": (nnz.float() / x.shape[0]).detach(),
-            "core_l0": codes.core_l0.detach(),
-            "dead": dead.sum().float(),
-            "min_selected": codes.min_selected,
-        }
+        l0 = nnz.float() / x.shape[0]
+        return total, _loss_metrics(total, level_mse, aux, l0, codes.core_l0, dead,
+                                    codes.min_selected)
 
     def loss_reference(
         self, x: Tensor, aux_alpha: float = 1 / 32, dead_tokens: int = 10_000_000
@@ -595,17 +587,8 @@ class MatryoshkaBatchTopKSAE(nn.Module):
             self.update_fired(enc.f, x.shape[0])
         total = recon_loss + aux_alpha * aux
         l0 = (enc.f > 0).sum(-1).float().mean()
-        return total, {
-            "loss": total.detach(),
-            "mse": level_mse[-1].detach(),
-            "nested_mse": level_mse[0].detach(),
-            "level_mse": level_mse.detach(),
-            "aux_loss": aux.detach(),
-            "l0": l0.detach(),
-            "core_l0": enc.core_l0.detach(),
-            "dead": dead.sum().float(),
-            "min_selected": enc.min_selected,
-        }
+        return total, _loss_metrics(total, level_mse, aux, l0, enc.core_l0, dead,
+                                    enc.min_selected)
 
     def dead_mask(self, dead_tokens: int) -> Tensor:
         dead = self.tokens_since_fired >= dead_tokens
@@ -690,3 +673,21 @@ def geometric_median(x: Tensor, max_iter: int = 100, tol: float = 1e-5) -> Tenso
         if (guess - prev).norm() < tol:
             break
     return guess
+
+
+def _loss_metrics(
+    total: Tensor, level_mse: Tensor, aux: Tensor, l0: Tensor, core_l0: Tensor, dead: Tensor,
+    min_selected: Tensor,
+) -> dict[str, Tensor]:
+    """The step metrics both loss paths report, detached (no graph kept alive by logging)."""
+    return {
+        "loss": total.detach(),
+        "mse": level_mse[-1].detach(),
+        "nested_mse": level_mse[0].detach(),
+        "level_mse": level_mse.detach(),
+        "aux_loss": aux.detach(),
+        "l0": l0.detach(),
+        "core_l0": core_l0.detach(),
+        "dead": dead.sum().float(),
+        "min_selected": min_selected,
+    }

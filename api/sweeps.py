@@ -98,13 +98,19 @@ class Sweeps:
         return [i for _, i in sorted(recs, reverse=True)]
 
     # ------------------------------------------------------------------ reading
-    def view(self, sweep_id: str, with_summary: bool = True) -> dict[str, Any]:
+    def view(
+        self, sweep_id: str, with_summary: bool = True,
+        jobs: dict[str, service.JobInfo] | None = None,
+    ) -> dict[str, Any]:
+        """``jobs``: every job of the cluster, when the caller fetched them in one call."""
         d = self._dir(sweep_id)
         rec = _read_json(d / RECORD_FILE) or {}
         state = _read_json(d / STATE_FILE)
         job, reachable = None, True
         try:
-            job = self.jobs.info(rec["ray_job_id"])
+            job = jobs.get(rec["ray_job_id"]) if jobs is not None else None
+            if job is None:
+                job = self.jobs.info(rec["ray_job_id"])
         except service.ServiceError:
             reachable = False
         try:
@@ -140,9 +146,15 @@ class Sweeps:
             out["summary"] = self.summary(sweep_id) if plan else None
         return out
 
+    def _views(self) -> list[dict[str, Any]]:
+        try:
+            jobs = self.jobs.all()  # one call for every sweep, not one per sweep
+        except service.ServiceError:
+            jobs = None
+        return [self.view(i, with_summary=False, jobs=jobs) for i in self.ids()]
+
     def list(self, status: str | None, limit: int, offset: int) -> dict[str, Any]:
-        views = [self.view(i, with_summary=False) for i in self.ids()]
-        return service.paginate(views, status, limit, offset)
+        return service.paginate(self._views(), status, limit, offset)
 
     def summary(self, sweep_id: str) -> dict[str, Any]:
         """Live: read from the trials' run directories now, not from the last written file."""
@@ -155,9 +167,7 @@ class Sweeps:
         return service.resolve_artifact(self._dir(sweep_id), rel)
 
     def active_count(self) -> int:
-        return sum(
-            self.view(i, with_summary=False)["status"] in service.ACTIVE for i in self.ids()
-        )
+        return sum(v["status"] in service.ACTIVE for v in self._views())
 
     # ------------------------------------------------------------------ writing
     def _check_capacity(self) -> None:

@@ -12,11 +12,17 @@
    vs in-process ``iter_activations`` (starts a local Ray; never stops anyone else's).
 
     DMSAE_CACHE=/tmp/dm_cache python bench/activations.py [--ray] [--no-gemma]
+    python bench/activations.py --device cuda --no-stories15m --gemma-hidden 2304 \
+        --gemma-vocab 256000 --gemma-seq 1024 --gemma-batch 8 --json out.json  # gemma-2-2b shape
+
+On CUDA the models run in bf16 (``--dtype auto``, as ``model.dtype: auto`` does in a run) and
+every timed call ends with a device synchronisation.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -31,7 +37,12 @@ from common import fmt_table, median, print_header  # noqa: E402
 
 from dmsae_ray.buffer import block_activations, iter_activations  # noqa: E402
 from dmsae_ray.config import ModelConfig, RunConfig  # noqa: E402
-from dmsae_ray.lm import layer_activations, layer_activations_full, load_lm  # noqa: E402
+from dmsae_ray.lm import (  # noqa: E402
+    layer_activations,
+    layer_activations_full,
+    load_lm,
+    pick_dtype,
+)
 
 
 def random_blocks(n: int, seq: int, vocab: int, bos: int, seed: int = 0) -> torch.Tensor:
@@ -42,7 +53,14 @@ def random_blocks(n: int, seq: int, vocab: int, bos: int, seed: int = 0) -> torc
     return ids
 
 
-def interleaved(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def interleaved(
+    fns: dict[str, Callable[[], object]], repeats: int, device: torch.device
+) -> dict[str, float]:
     """Median seconds per call, alternating the functions so load drift hits all alike."""
     for fn in fns.values():
         fn()  # warm-up: allocator, lazy init
@@ -50,16 +68,20 @@ def interleaved(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str,
     for r in range(repeats):
         names = list(fns)
         for name in names[r % len(names) :] + names[: r % len(names)]:
+            synchronize(device)
             t0 = time.perf_counter()
             fns[name]()
+            synchronize(device)  # kernels are asynchronous: time their completion
             times[name].append(time.perf_counter() - t0)
     return {name: median(ts) for name, ts in times.items()}
 
 
 def compare(model, ids: torch.Tensor, layer: int, specials: list[int], repeats: int) -> dict:
+    device = next(model.parameters()).device
+    ids = ids.to(device)
     fast = layer_activations(model, ids, layer)
     full = layer_activations_full(model, ids, layer)
-    diff = float((fast - full).abs().max())
+    diff = float((fast.float() - full.float()).abs().max())
     fns = {
         "full forward (output_hidden_states)": lambda: layer_activations_full(model, ids, layer),
         "stop after layer (hook)": lambda: layer_activations(model, ids, layer),
@@ -67,7 +89,21 @@ def compare(model, ids: torch.Tensor, layer: int, specials: list[int], repeats: 
             model, ids, layer, specials
         ),
     }
-    return {"secs": interleaved(fns, repeats), "tokens": ids.numel(), "max_abs_diff": diff}
+    secs = interleaved(fns, repeats, device)
+    return {"secs": secs, "tokens": ids.numel(), "max_abs_diff": diff}
+
+
+def summary(title: str, res: dict) -> dict:
+    """The JSON record of one model: tokens/s per path and the stop-after-layer speed-up."""
+    secs, tokens = res["secs"], res["tokens"]
+    full = secs["full forward (output_hidden_states)"]
+    return {
+        "model": title,
+        "tokens": tokens,
+        "tokens_per_s": {name: tokens / s for name, s in secs.items()},
+        "stop_after_layer_speedup": full / secs["stop after layer (hook)"],
+        "max_abs_diff": res["max_abs_diff"],
+    }
 
 
 def report(title: str, res: dict) -> list[list[str]]:
@@ -79,7 +115,7 @@ def report(title: str, res: dict) -> list[list[str]]:
     return rows
 
 
-def gemma(args: argparse.Namespace):
+def gemma(args: argparse.Namespace, device: torch.device, dtype: torch.dtype):
     from transformers import Gemma2Config, Gemma2ForCausalLM
 
     cfg = Gemma2Config(
@@ -94,7 +130,9 @@ def gemma(args: argparse.Namespace):
         attn_implementation="eager",  # the config default: Gemma-2's soft-capping needs it
     )
     torch.manual_seed(0)
-    model = Gemma2ForCausalLM(cfg).eval()
+    with torch.device(device):  # built in place: the full-size model's CPU init takes minutes
+        model = Gemma2ForCausalLM(cfg)
+    model = model.to(dtype).eval()
     for p in model.parameters():
         p.requires_grad_(False)
     return model, cfg
@@ -161,29 +199,62 @@ def main() -> None:
     ap.add_argument("--actors", type=int, default=2)
     ap.add_argument("--ray-blocks", type=int, default=512)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (the Ray section stays on CPU)")
+    ap.add_argument(
+        "--dtype",
+        choices=["auto", "float32", "bfloat16"],
+        default="auto",
+        help="LM dtype; auto: bf16 on CUDA, fp32 on CPU (as model.dtype: auto)",
+    )
+    ap.add_argument(
+        "--no-stories15m",
+        action="store_true",
+        help="skip stories15M (it needs the model in $DMSAE_CACHE or a download)",
+    )
+    ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    print_header("Activation generation (tokens/s, fp32)")
-
-    mcfg = ModelConfig(name="stories15m", layer=args.layer, dtype="float32")
-    model = load_lm(mcfg, torch.device("cpu"))
-    bos, specials = 1, [0, 1, 2]  # stories15M: <unk> (pad), <s>, </s>
-    ids = random_blocks(args.batch, args.seq, model.config.vocab_size, bos)
-    rows = report(
-        f"stories15M layer {args.layer}/6",
-        compare(model, ids, args.layer, specials, args.repeats),
+    device = torch.device(args.device)
+    dtype = pick_dtype(args.dtype, device)
+    print_header(
+        f"Activation generation (tokens/s, {str(dtype).removeprefix('torch.')})", args.device
     )
+
+    rows: list[list[str]] = []
+    results: list[dict] = []
+    model = None
+    bos, specials = 1, [0, 1, 2]  # stories15M: <unk> (pad), <s>, </s>
+    if not args.no_stories15m:
+        mcfg = ModelConfig(name="stories15m", layer=args.layer, dtype=args.dtype)
+        model = load_lm(mcfg, device)
+        ids = random_blocks(args.batch, args.seq, model.config.vocab_size, bos)
+        title = f"stories15M layer {args.layer}/6"
+        res = compare(model, ids, args.layer, specials, args.repeats)
+        rows += report(title, res)
+        results.append(summary(title, res))
     if not args.no_gemma:
-        g, gcfg = gemma(args)
+        g, gcfg = gemma(args, device, dtype)
         gids = random_blocks(args.gemma_batch, args.gemma_seq, gcfg.vocab_size, 2)
         res = compare(g, gids, 12, [0, 1, 2], args.repeats)
-        rows += report(f"random Gemma-2 (26 layers, d={gcfg.hidden_size}) layer 12", res)
+        title = f"random Gemma-2 (26 layers, d={gcfg.hidden_size}) layer 12"
+        rows += report(title, res)
+        results.append(summary(title, res))
         print(f"gemma max |fast - full| = {res['max_abs_diff']:.2e}")
         del g
     header = ["model", "path", "tokens/s", "ms/batch", "vs full"]
     print(fmt_table(header, rows))
+    if args.json:
+        meta = {"device": args.device, "dtype": str(dtype).removeprefix("torch.")}
+        args.json.write_text(json.dumps({**meta, "models": results}, indent=1))
     if args.ray:
+        if model is None:
+            raise SystemExit("--ray needs stories15M (drop --no-stories15m)")
+        if device.type != "cpu":
+            model = load_lm(
+                ModelConfig(name="stories15m", layer=args.layer, dtype="float32"),
+                torch.device("cpu"),
+            )
         print()
         ray_rows = ray_section(args, model, specials, bos)
         print(fmt_table(["pipeline (stories15M)", "tokens/s", "seconds"], ray_rows))

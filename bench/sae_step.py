@@ -13,6 +13,25 @@ order across repeats, and each number is the median over repeats of the per-run 
     python bench/sae_step.py --full          # d_in x width x k x batch grid
     python bench/sae_step.py --d-in 2304 --width 65536 --k 320 --batch 4096 --impl fast saelens
     python bench/sae_step.py --device cuda --compile     # bf16 autocast on a GPU
+    python bench/sae_step.py --device cuda --peak-tflops 989   # + achieved TFLOP/s, % of peak
+
+Achieved TFLOP/s counts the GEMM-sized products each implementation runs per step (``step_flops``;
+element-wise passes, the top-k, Adam and the small frozen core are left out), divided by the
+median step time. With B the batch, d the input width, K the width and k the target L0 (so
+k*B selected entries; a dynamic budget with a core gives the non-core slightly fewer):
+
+    fast:           2*B*d*(K - c)    the encoder GEMM, forward only (no autograd through it)
+                  + 4 * 2*k*B*d      four sparse products: the decoder (CSR x W_dec), its value
+                                     gradient (SDDMM), its weight gradient (S^T G) and the encoder
+                                     weight gradient ((x - b_dec)^T S_g)
+    eager, saelens: 6 * 2*B*d*K      encoder forward, its weight and input gradients (b_dec
+                                     requires the latter), decoder forward and its two gradients
+
+SAELens also decodes every inner Matryoshka level separately; those partial products are not
+counted, so its figure is a lower bound. Under bf16 autocast the GEMMs run in bf16 while the fast
+path's sparse products stay fp32 (torch's sparse kernels take no bf16), so ``--peak-tflops``
+should be the device's dense bf16 peak: 989 TFLOP/s for an H100/H200 SXM (NVIDIA's figure
+without structured sparsity; about 790 is what a large bf16 matmul reaches there in practice).
 """
 
 from __future__ import annotations
@@ -37,6 +56,13 @@ IMPLS = ("fast", "eager", "saelens")
 # targets are stated for (d_in 2304, width 16384, k 320).
 QUICK = [(288, 4096, 32, 2048), (2304, 16384, 320, 4096)]
 FULL_GRID = dict(d_in=[288, 2304], width=[4096, 16384, 65536], k=[32, 320], batch=[2048, 4096])
+
+
+def step_flops(impl: str, d_in: int, width: int, k: int, batch: int, core: int = 0) -> float:
+    """FLOPs of the GEMM-sized products of one training step (formulas in the module doc)."""
+    if impl == "fast":
+        return 2.0 * batch * d_in * (width - core) + 4 * 2.0 * k * batch * d_in
+    return 6 * 2.0 * batch * d_in * width
 
 
 # -- worker: one implementation, one config, in its own process ------------------------------
@@ -199,6 +225,19 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3, help="runs per implementation")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument(
+        "--precision",
+        choices=["auto", "bf16", "fp32"],
+        default="auto",
+        help="bf16: the step under bf16 autocast; auto: bf16 on CUDA, fp32 elsewhere",
+    )
+    ap.add_argument("--tflops", action="store_true", help="add achieved TFLOP/s to the table")
+    ap.add_argument(
+        "--peak-tflops",
+        type=float,
+        help="the device's peak for the precision (H100/H200 SXM dense bf16: 989); adds the "
+        "fraction of it to the table and the JSON",
+    )
     ap.add_argument("--compile", action="store_true", help="torch.compile the loss / forward")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per run")
@@ -223,6 +262,10 @@ def main() -> None:
             print(f"sae-lens {sae_lens.__version__}\n")
     if args.compile and args.warmup < 3:
         args.warmup = 3  # the first steps compile
+    autocast = args.precision == "bf16" or (
+        args.precision == "auto" and args.device.startswith("cuda")
+    )
+    print(f"precision: {'bf16 autocast' if autocast else 'fp32'}\n")
     results = []
     for d_in, width, k, batch in configs(args):
         runs: dict[str, list[dict]] = {impl: [] for impl in impls}
@@ -231,29 +274,49 @@ def main() -> None:
                 spec = dict(
                     impl=impl, d_in=d_in, width=width, k=k, batch=batch, core=args.core,
                     steps=args.steps, warmup=args.warmup, device=args.device, seed=0,
-                    compile=args.compile, autocast=args.device.startswith("cuda"),
+                    compile=args.compile, autocast=autocast,
                     threads=args.threads,
                 )  # fmt: skip
                 runs[impl].append(run_worker(Path(__file__), spec, args.timeout))
-        row = {"d_in": d_in, "width": width, "k": k, "batch": batch}
+        row = {
+            "d_in": d_in, "width": width, "k": k, "batch": batch,
+            "precision": "bf16" if autocast else "fp32",
+        }  # fmt: skip
         for impl, outs in runs.items():
             errors = [o["error"] for o in outs if "error" in o]
             ok = [o for o in outs if "error" not in o]
             if errors:
                 print(f"  {impl} d_in={d_in} width={width} k={k} batch={batch}: {errors[0]}")
             step_s = median([median(o["times"]) for o in ok])
+            flops = step_flops(impl, d_in, width, k, batch, args.core)
+            tflops = flops / step_s / 1e12 if ok else float("nan")
             row[impl] = {
                 "step_s": step_s,
                 "tokens_per_s": batch / step_s if ok else float("nan"),
                 "peak_mb": median([o["peak_mb"] for o in ok]),
+                "flops": flops,
+                "tflops": tflops,
+                "frac_peak": tflops / args.peak_tflops if args.peak_tflops else None,
                 "runs": [o.get("times") for o in outs],
+                "errors": errors,
             }
         results.append(row)
         print_row(row, impls)
+        if args.json:  # after every config: a run cut short keeps the configs it finished
+            args.json.write_text(json.dumps(finite(results), indent=1))
     print()
-    print(table(results, impls))
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=1))
+    print(table(results, impls, args.tflops or bool(args.peak_tflops)))
+
+
+def finite(value: object) -> object:
+    """NaN (a failed run) as null: strict JSON has no NaN."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [finite(v) for v in value]
+    return value
 
 
 def print_row(row: dict, impls: list[str]) -> None:
@@ -262,10 +325,13 @@ def print_row(row: dict, impls: list[str]) -> None:
           + ", ".join(parts), flush=True)  # fmt: skip
 
 
-def table(results: list[dict], impls: list[str]) -> str:
+def table(results: list[dict], impls: list[str], tflops: bool = False) -> str:
     header = ["d_in", "width", "k", "batch"]
+    peak = tflops and any(res[i]["frac_peak"] is not None for res in results for i in impls)
     for impl in impls:
         header += [f"{impl} ms/step", f"{impl} tok/s", f"{impl} peak MB"]
+        header += [f"{impl} TFLOP/s"] if tflops else []
+        header += [f"{impl} % peak"] if peak else []
     if "fast" in impls:
         header += [f"{other}/fast" for other in impls if other != "fast"]
     rows = []
@@ -274,6 +340,8 @@ def table(results: list[dict], impls: list[str]) -> str:
         for impl in impls:
             r = res[impl]
             cells += [f"{r['step_s'] * 1e3:.0f}", f"{r['tokens_per_s']:.0f}", f"{r['peak_mb']:.0f}"]
+            cells += [f"{r['tflops']:.3g}"] if tflops else []
+            cells += [f"{100 * r['frac_peak']:.1f}"] if peak else []
         if "fast" in impls:
             # Time ratio: how many times longer the other step takes than ours.
             cells += [

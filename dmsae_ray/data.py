@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from dmsae_ray.config import EMBEDDED_CORPUS, ConfigError, DataConfig, MissingInputError
+from dmsae_ray.gemma3_model import GEMMA3_CORPUS, gemma3_corpus
 
 TEXT_SUFFIXES = (".txt", ".jsonl", ".parquet")
 
@@ -61,6 +62,8 @@ def resolve_dataset(cfg: DataConfig) -> str:
         from dmsae_ray.default_model import default_corpus
 
         return str(default_corpus())
+    if cfg.dataset == GEMMA3_CORPUS:
+        return str(gemma3_corpus())
     return cfg.dataset
 
 

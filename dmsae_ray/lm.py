@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from dmsae_ray.config import EMBEDDED_MODEL, MissingInputError, ModelConfig
+from dmsae_ray.gemma3_model import GEMMA3_MODEL, fetch_gemma3
 
 
 class StopForward(Exception):
@@ -22,11 +23,13 @@ class StopForward(Exception):
 
 
 def resolve_model_path(name: str) -> str:
-    """'stories15m' -> the converted cache dir; anything else is a hub id or local dir."""
+    """'stories15m' / 'gemma3-270m' -> the converted cache dir; else a hub id or local dir."""
     if name == EMBEDDED_MODEL:
         from dmsae_ray.default_model import fetch_stories15m
 
         return str(fetch_stories15m())
+    if name == GEMMA3_MODEL:
+        return str(fetch_gemma3())
     return name
 
 

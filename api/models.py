@@ -22,7 +22,7 @@ class CycleSummary(BaseModel):
     seconds: float | None = None
     train: dict[str, Any] = Field(default_factory=dict)
     eval: dict[str, Any] = Field(
-        default_factory=dict, description="l0, explained_variance, ce_loss_score, ..."
+        default_factory=dict, description="l0, core_l0, fve, explained_variance, ce_loss_score, ..."
     )
 
 

@@ -63,14 +63,24 @@ def attribution_scores(
     specials: list[int],
     mode: str = "splice",
 ) -> Tensor:
-    """Signed per-token scores s = f * dL/df for the candidates, at valid tokens [N_valid, n].
+    """Signed per-token scores s = f * dL/df for the candidates [N_scored, n].
 
     dL/df_i = g . W_dec[i], and decoder rows are unit norm, so this is the gradient projected on
-    the decoder direction times the activation.
+    the decoder direction times the activation. Only positions that have a next-token target
+    are scored (``scored_mask``): the last position of a block feeds no loss term, so its
+    scores are 0 by construction and would only dilute the quantile.
     """
     loss, f, valid = spliced_loss(model, sae, ids, layer, norm_factor, specials, mode)
     (grad,) = torch.autograd.grad(loss, f)
-    return (f.detach() * grad)[valid]
+    return (f.detach() * grad)[scored_mask(valid)]
+
+
+def scored_mask(valid: Tensor) -> Tensor:
+    """Positions pooled into the attribution: valid (not BOS/EOS/pad) and followed by a valid
+    next-token target, i.e. every position whose own loss term enters the summed loss."""
+    scored = torch.zeros_like(valid)
+    scored[:, :-1] = valid[:, :-1] & valid[:, 1:]
+    return scored
 
 
 def signed_to_pooled_input(s: Tensor, sign: str) -> Tensor:

@@ -1,6 +1,6 @@
 """Typed run configuration, validated at the edge before any work starts.
 
-Defaults are the paper's reference run (``../shared/ALGORITHM.md``): gemma-2-2b, layer-12
+Defaults are the paper's reference run (docs/algorithm.md): gemma-2-2b, layer-12
 residual stream, 65,536 latents, k=320, tau=0.9, 7 distillation cycles after cycle 0,
 500M tokens per cycle. Every choice the spec marks as open ([I]) is a field here.
 ``embedded_default()`` is the small no-network preset that ``dmsae run`` uses with no config.
@@ -95,7 +95,22 @@ class SAEConfig(_Strict):
         "fractions",
         description="fractions: split K-c; absolute: fixed boundaries, the core eats into G_0",
     )
-    l0_budget: Literal["dynamic", "fixed"] = "dynamic"
+    l0_budget: Literal["dynamic", "fixed"] = Field(
+        "dynamic",
+        description="relu core only: the non-core budget is k*B minus the core's firings "
+        "(dynamic) or all of k*B (fixed)",
+    )
+    core_activation: Literal["relu", "batchtopk"] = Field(
+        "relu",
+        description="relu: the core fires outside BatchTopK (the paper's description; core L0 "
+        "can exceed k, reported as l0_overflow); batchtopk: core latents compete in the same "
+        "top-(k*B) and obey the same inference threshold (total L0 = k)",
+    )
+    core_bias: Literal["zero", "carry"] = Field(
+        "zero",
+        description="where a core latent's encoder bias starts: 0, or the bias it had when "
+        "it was selected",
+    )
     core_decoder_init: Literal["random", "tied"] = "random"
     bias_level: bool = Field(False, description="add a b_dec(+core)-only nested level")
     aux_alpha: float = Field(1 / 32, ge=0)
@@ -207,10 +222,12 @@ class RunConfig(_Strict):
                     "sees (a shared or mounted filesystem, see cluster/README.md); "
                     "data.activation_cache takes s3:// and gs:// URIs"
                 )
-        if self.data.activation_cache is not None and not self.ray.enabled:
+        cache = self.data.activation_cache
+        if cache is not None and not self.ray.enabled and is_uri(cache) \
+                and not cache.startswith("file://"):
             raise ValueError(
-                "data.activation_cache needs ray.enabled: true (without Ray the cache is "
-                "run_dir/activations/)"
+                f"data.activation_cache: {cache!r} needs ray.enabled: true (without Ray the "
+                "cache must be a local directory)"
             )
         return self
 

@@ -35,6 +35,36 @@ def select_minimal(scores: Tensor, tau: float) -> tuple[list[int], float]:
 
 
 @dataclass
+class Core:
+    """A core handed to the next SAE: encoder columns [d, c] in selection order, each latent's
+    persistent id, and the encoder bias [c] it had when it was selected."""
+
+    vectors: Tensor
+    ids: list[LatentId]
+    bias: Tensor
+
+    def __post_init__(self) -> None:
+        c = self.vectors.shape[1]
+        if len(self.ids) != c or self.bias.shape != (c,):
+            raise ValueError(
+                f"core of {c} vectors has {len(self.ids)} ids and bias {tuple(self.bias.shape)}"
+            )
+
+    @property
+    def size(self) -> int:
+        return self.vectors.shape[1]
+
+    @classmethod
+    def of(cls, sae: MatryoshkaBatchTopKSAE, indices: list[int]) -> Core:
+        """The chosen latents of ``sae`` (core or not), in the given order."""
+        return cls(
+            vectors=sae.W_enc[:, indices].detach().clone(),
+            ids=[latent_id(sae, i) for i in indices],
+            bias=sae.b_enc[indices].detach().clone(),
+        )
+
+
+@dataclass
 class CoreSelection:
     indices: list[int]  # latent indices in the cycle's SAE, in selection order
     ids: list[LatentId]
@@ -55,8 +85,13 @@ def select_core(
         picked = list(range(c)) + [c + i for i in rel]
     else:
         raise ValueError(f"unknown core mode {mode!r}")
-    if max_core is not None:
+    if max_core is not None and len(picked) > max_core:
         picked = picked[:max_core]
+        # What the truncated core explains, not what the untruncated one would have.
+        a = pooled.double().clamp_min(0)
+        total = float(a[c:].sum() if mode == "accumulate" else a.sum())
+        kept = picked if mode == "reselect" else [i for i in picked if i >= c]
+        frac = float(a[kept].sum()) / total if total > 0 else 0.0
     return CoreSelection(
         indices=picked,
         ids=[latent_id(sae, i) for i in picked],
@@ -70,22 +105,13 @@ def latent_id(sae: MatryoshkaBatchTopKSAE, i: int) -> LatentId:
     return int(sae.origin_cycle[i]), int(sae.origin_index[i])
 
 
-def core_vectors(sae: MatryoshkaBatchTopKSAE, indices: list[int]) -> Tensor:
-    """Encoder columns [d, n] of the chosen latents, core or not, in the given order."""
-    return sae.W_enc[:, indices].detach().clone()
-
-
 def build_sae(
-    cfg: RunConfig,
-    d_in: int,
-    cycle: int,
-    core: Tensor | None = None,
-    core_ids: list[LatentId] | None = None,
-    seed: int | None = None,
+    cfg: RunConfig, d_in: int, cycle: int, core: Core | None = None, seed: int | None = None
 ) -> MatryoshkaBatchTopKSAE:
     """A fresh SAE for ``cycle``: core encoder columns copied in order and frozen, everything
-    else (core decoder, every bias, every non-core latent) re-initialised."""
-    c = 0 if core is None else core.shape[1]
+    else (core decoder, every non-core latent, every bias unless ``sae.core_bias: carry``)
+    re-initialised."""
+    c = 0 if core is None else core.size
     torch.manual_seed(cfg.train.seed + cycle if seed is None else seed)
     sae = MatryoshkaBatchTopKSAE(
         d_in,
@@ -97,10 +123,17 @@ def build_sae(
         l0_budget=cfg.sae.l0_budget,
         bias_level=cfg.sae.bias_level,
         cycle=cycle,
+        core_activation=cfg.sae.core_activation,
     )
-    if c:
-        ids = torch.tensor(core_ids or [], dtype=torch.long).reshape(c, 2)
-        sae.set_core(core, ids[:, 0], ids[:, 1], tied=cfg.sae.core_decoder_init == "tied")
+    if core is not None and c:
+        ids = torch.tensor(core.ids, dtype=torch.long).reshape(c, 2)
+        sae.set_core(
+            core.vectors,
+            ids[:, 0],
+            ids[:, 1],
+            tied=cfg.sae.core_decoder_init == "tied",
+            bias=core.bias if cfg.sae.core_bias == "carry" else None,
+        )
     return sae
 
 

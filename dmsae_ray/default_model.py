@@ -55,9 +55,11 @@ RMS_NORM_EPS = 1e-5
 UNK, BOS, EOS = "<unk>", "<s>", "</s>"
 N_BYTE_PIECES = 256  # ids 3..258 are sentencepiece byte-fallback pieces
 
-# Sampling runs at ~610 new tokens/s at batch 64 on 2 CPU threads (~21.5 s per batch of 64,
-# ~206 tokens per story), so 3 batches build the corpus in ~70 s with ~40k tokens.
-DEFAULT_N_STORIES = 192
+# Sampling runs at ~610 new tokens/s at batch 64 on 2 quiet CPU threads (~21.5 s per batch of
+# 64, ~206 tokens per story), so 12 batches build the corpus in ~4.5 min with ~160k tokens: the
+# embedded default trains on ~150k distinct activations per cycle instead of repeating 33k
+# (the first 192 stories, 40k tokens, were too few for a real SAE; see BENCHMARKS.md).
+DEFAULT_N_STORIES = 768
 # Short openings vary the corpus beyond what the bare-BOS prompt produces ("" = just BOS).
 STORY_OPENINGS = (
     "",

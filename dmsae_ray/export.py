@@ -1,8 +1,10 @@
-"""SAELens-loadable artefacts (``../shared/SAELENS_FORMAT.md``).
+"""SAELens-loadable artefacts (the format SAELens's ``SAE.load_from_disk`` reads).
 
 A BatchTopK/Matryoshka SAE is saved as ``jumprelu``: the learned global threshold becomes a
-per-latent threshold, core latents (plain ReLU) get threshold 0, and the activation norm factor is
-folded into the biases and thresholds so the saved SAE works on raw activations.
+per-latent threshold, core latents get threshold 0 when they are a plain ReLU
+(``core_activation: relu``) and the shared threshold when they compete in BatchTopK, and the
+activation norm factor is folded into the biases and thresholds so the saved SAE works on raw
+activations.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ def saelens_tensors(sae: MatryoshkaBatchTopKSAE, norm_factor: float) -> dict[str
     with torch.no_grad():
         norms = sae.W_dec.norm(dim=1)  # 1 by construction; folded anyway for safety
         threshold = torch.full((sae.width,), max(float(sae.threshold), 0.0))
-        threshold[: sae.c] = 0.0
+        if not sae.core_in_topk:
+            threshold[: sae.c] = 0.0
         return {
             "W_enc": (sae.W_enc * norms[None]).contiguous().float(),
             "b_enc": (sae.b_enc * norms * norm_factor).contiguous().float(),
@@ -70,6 +73,7 @@ def saelens_cfg(
                 "matryoshka_group_sizes": sae.groups,
                 "matryoshka_widths": sae.group_ends,
                 "l0_budget": sae.l0_budget,
+                "core_activation": sae.core_activation,
                 "norm_factor_folded": norm_factor,
                 "threshold_normalised": float(sae.threshold),
             },

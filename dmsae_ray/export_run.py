@@ -20,7 +20,7 @@ from dmsae_ray.rundir import RunDir, read_json
 from dmsae_ray.sae import MatryoshkaBatchTopKSAE
 
 # Scalars copied into the cfg metadata and the model card.
-CARD_METRICS = ("l0", "core_l0", "explained_variance", "ce_loss_score", "kl_div_score")
+CARD_METRICS = ("l0", "core_l0", "fve", "explained_variance", "ce_loss_score", "kl_div_score")
 
 
 @dataclass

@@ -56,7 +56,9 @@ def encode_columns(sae: MatryoshkaBatchTopKSAE, x: Tensor, latents: list[int]) -
     idx = torch.tensor(latents, device=x.device)
     pre = (x - sae.b_dec) @ sae.W_enc[:, idx] + sae.b_enc[idx]
     post = torch.relu(pre)
-    gate = (idx < sae.c)[None] | (post > sae.threshold)  # the core is plain ReLU
+    gate = post > sae.threshold
+    if not sae.core_in_topk:
+        gate |= (idx < sae.c)[None]  # a relu core is exempt from the threshold
     return post * gate
 
 

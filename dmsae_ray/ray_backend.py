@@ -24,7 +24,7 @@ from dmsae_ray.activations import (
 )
 from dmsae_ray.config import RunConfig
 from dmsae_ray.coordinator import CoordinatorState, coordinator_name, get_coordinator
-from dmsae_ray.core import LatentId
+from dmsae_ray.core import Core
 from dmsae_ray.data import load_token_data
 from dmsae_ray.lm import hidden_size_of, load_tokenizer
 from dmsae_ray.ray_utils import check_resources, connect
@@ -87,12 +87,12 @@ class RayBackend:
         return estimate_norm_factor(b["x"] for b in batches)
 
     def train(
-        self, cycle: int, core: Tensor | None, core_ids: list[LatentId], norm_factor: float
+        self, cycle: int, core: Core | None, norm_factor: float
     ) -> tuple[MatryoshkaBatchTopKSAE, dict]:
         ds = self._dataset()
         self.state.set_stage("train", cycle=cycle, tokens_total=self.cfg.train.tokens_per_cycle)
         return train_sae(
-            self.cfg, self.rd.root, cycle, core, core_ids, norm_factor, self.d_in, ds,
+            self.cfg, self.rd.root, cycle, core, norm_factor, self.d_in, ds,
             coordinator_name(self.rd.root),
         )
 

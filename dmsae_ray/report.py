@@ -15,6 +15,7 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
+from dmsae_ray import compare
 from dmsae_ray.config import ConfigError
 from dmsae_ray.core import selection_counts
 from dmsae_ray.rundir import RunDir, read_json
@@ -22,17 +23,24 @@ from dmsae_ray.transfer import read_table
 
 CYCLE_METRICS = (
     ("l0", "L0 (total)"),
-    ("explained_variance", "explained variance"),
+    ("fve", "fraction of variance explained"),
     ("ce_loss_score", "CE loss recovered"),
     ("kl_div_score", "KL score"),
 )
+# Every SAEBench core metric the transfer table holds, against measured L0.
 TRANSFER_METRICS = (
-    ("explained_variance", "explained variance"),
-    ("mse", "MSE (normalised scale)"),
+    ("fve", "fraction of variance explained"),
+    ("explained_variance", "explained variance (SAEBench)"),
+    ("mse", "MSE (raw scale)"),
     ("cossim", "cosine similarity"),
+    ("l2_ratio", "L2 ratio"),
+    ("relative_reconstruction_bias", "relative reconstruction bias"),
     ("ce_loss_score", "CE loss recovered"),
     ("kl_div_score", "KL score"),
     ("frac_alive", "fraction alive"),
+    ("freq_over_10_percent", "fraction firing on >10% of tokens"),
+    ("average_max_encoder_cosine_sim", "avg max encoder cosine sim"),
+    ("average_max_decoder_cosine_sim", "avg max decoder cosine sim"),
 )
 VARIANT_STYLE = {"distilled": "C0o-", "baseline": "C1s--", "random": "C2^:"}
 
@@ -55,6 +63,11 @@ class RunData:
         ]
         core_json = self.rd.core_dir / "core.json"
         self.distilled = read_json(core_json) if core_json.is_file() else None
+
+    def final_core_densities(self) -> list[float] | None:
+        """Firing density of each final-core latent in the SAE it was selected from (None for
+        runs written before densities were recorded)."""
+        return self.rd.load_core(len(self.cycles) - 1).get("densities")
 
     def final_core(self) -> tuple[list[tuple[int, int]], list[int], list[float]]:
         """ids, selection counts and scores of the final core (the last committed cycle's
@@ -126,6 +139,30 @@ def plot_core_origins(data: RunData, path: Path) -> Path:
     return _save(fig, path)
 
 
+def plot_core_density(data: RunData, path: Path) -> Path:
+    """Each final-core latent's firing density, in attribution order, coloured by origin cycle;
+    the dotted line is the density below which a q-quantile pooling scores a latent 0."""
+    ids, _, _ = data.final_core()
+    dens = data.final_core_densities()
+    fig = Figure(figsize=(7, 3.4))
+    ax = fig.add_subplot()
+    if dens:
+        colors = [f"C{i[0] % 10}" for i in ids]
+        ax.bar(range(len(dens)), [max(d, 1e-6) for d in dens], color=colors, width=1.0)
+        ax.set_yscale("log")
+        att = data.config.get("attribution", {})
+        if att.get("pooling") == "quantile":
+            ax.axhline(1 - att["quantile"], color="grey", lw=0.8, ls=":")
+        for origin in sorted({i[0] for i in ids}):
+            ax.bar([], [], color=f"C{origin % 10}", label=f"from cycle {origin}")
+        ax.legend(fontsize="small")
+    else:
+        _empty(ax, "no densities recorded for this run's core")
+    ax.set(xlabel="core latent (attribution rank)", ylabel="firing density",
+           title="Final core: density of each latent")
+    return _save(fig, path)
+
+
 def plot_core_composition(data: RunData, path: Path) -> Path:
     """Each cycle's selected core as a stack by origin cycle (how old its latents are)."""
     n_cycles = len(data.cycles)
@@ -158,11 +195,10 @@ def plot_cycle_metrics(data: RunData, path: Path) -> Path:
             _empty(ax, "not in this run's metrics")
         if key == "l0":
             ax.plot(xs, [_get(s["eval"], "core_l0") for s in data.cycles], "s--", label="core L0")
+            ax.axhline(data.config["sae"]["k"], color="grey", lw=0.8, ls=":", label="k")
             ax.legend(fontsize="small")
-        if key == "explained_variance" and any(
-            "nested_explained_variance" in s["eval"] for s in data.cycles
-        ):
-            nested = [_get(s["eval"], "nested_explained_variance") for s in data.cycles]
+        if key == "fve" and any("nested_fve" in s["eval"] for s in data.cycles):
+            nested = [_get(s["eval"], "nested_fve") for s in data.cycles]
             ax.plot(xs, nested, "s--", label="most nested")
             ax.legend(fontsize="small")
         ax.set(xlabel="cycle", title=label)
@@ -187,23 +223,36 @@ def plot_feature_density(data: RunData, path: Path) -> Path:
 
 
 def plot_transfer(rows: list[dict], path: Path) -> Path:
-    """Metric vs measured total L0, one line per variant, each point labelled with its k."""
-    fig = Figure(figsize=(12, 6.5))
+    """Metric vs measured total L0, one line per variant, mean ± standard error over seeds in
+    both directions, each point labelled with its nominal k."""
+    points = compare.aggregate(rows, {"l0", *(key for key, _ in TRANSFER_METRICS)})
+    cols = 4
+    rows_n = math.ceil(len(TRANSFER_METRICS) / cols)
+    fig = Figure(figsize=(16, 3.4 * rows_n))
     for n, (key, label) in enumerate(TRANSFER_METRICS, 1):
-        ax = fig.add_subplot(2, 3, n)
+        ax = fig.add_subplot(rows_n, cols, n)
         for variant, style in VARIANT_STYLE.items():
-            pts = sorted((r["l0"], r[key], r["k"]) for r in rows if r["variant"] == variant)
+            pts = compare.curve(points, variant)
             if not pts:
                 continue
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=variant)
-            for x, y, k in pts:
-                ax.annotate(f"k{k}", (x, y), fontsize=6, alpha=0.6)
+            ax.errorbar(
+                [p.l0 for p in pts], [p.mean.get(key, math.nan) for p in pts],
+                xerr=[_zero_nan(p.se["l0"]) for p in pts],
+                yerr=[_zero_nan(p.se.get(key, math.nan)) for p in pts],
+                fmt=style, capsize=2, label=variant,
+            )
+            for p in pts:
+                ax.annotate(f"k{p.k}", (p.l0, p.mean.get(key, math.nan)), fontsize=6, alpha=0.6)
         ax.set(xlabel="L0 (total, measured)", title=label)
         if len({r["k"] for r in rows}) > 2:
             ax.set_xscale("log")
         if n == 1:
             ax.legend(fontsize="small")
     return _save(fig, path)
+
+
+def _zero_nan(v: float) -> float:
+    return 0.0 if math.isnan(v) else v
 
 
 def _get(d: dict, key: str) -> float:
@@ -227,7 +276,8 @@ def summary_markdown(
         f"# DMSAE report: `{data.rd.root}`",
         "",
         f"- model `{cfg['model']['name']}`, layer {cfg['model']['layer']}; SAE width "
-        f"{cfg['sae']['width']}, k {cfg['sae']['k']} ({cfg['sae']['l0_budget']} L0 budget); "
+        f"{cfg['sae']['width']}, k {cfg['sae']['k']}, core activation "
+        f"{cfg['sae'].get('core_activation', 'relu')} ({cfg['sae']['l0_budget']} L0 budget); "
         f"tau {cfg['distill']['tau']}, core mode {cfg['distill']['core_mode']}",
         f"- status **{st['status']}**: {n} of {cfg['distill']['cycles'] + 1} cycles committed; "
         f"{cfg['train']['tokens_per_cycle']:,} tokens per cycle; norm factor "
@@ -236,7 +286,7 @@ def summary_markdown(
         "## Cycles",
         "",
         "| cycle | core in | core out | Jaccard | attribution reached | L0 | core L0 "
-        "| explained variance | CE loss recovered | KL score | alive |",
+        "| FVE | CE loss recovered | KL score | alive |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in data.cycles:
@@ -244,7 +294,7 @@ def summary_markdown(
         lines.append(
             f"| {s['cycle']} | {s['core_in']} | {s['core_size']} | {_fmt(s.get('jaccard'))} "
             f"| {_fmt(s.get('fraction'))} | {_fmt(ev.get('l0'), 1)} | {_fmt(ev.get('core_l0'), 1)} "
-            f"| {_fmt(ev.get('explained_variance'))} | {_fmt(ev.get('ce_loss_score'))} "
+            f"| {_fmt(ev.get('fve'))} | {_fmt(ev.get('ce_loss_score'))} "
             f"| {_fmt(ev.get('kl_div_score'))} | {_fmt(ev.get('frac_alive'))} |"
         )
     lines += ["", *(_img(plots, k) for k in ("core_size", "jaccard", "cycle_metrics"))]
@@ -264,11 +314,14 @@ def summary_markdown(
         "Top latents by attribution (id = origin cycle:index in that cycle; inspect one with "
         f"`dmsae inspect {data.rd.root} --latent ID`):",
         "",
-        "| rank | id | attribution | times selected |",
-        "|---|---|---|---|",
+        "| rank | id | attribution | times selected | density |",
+        "|---|---|---|---|---|",
     ]
-    for r, (lid, c, sc) in enumerate(list(zip(ids, counts, scores, strict=True))[:20], 1):
-        lines.append(f"| {r} | `{lid[0]}:{lid[1]}` | {sc:.4g} | {c} |")
+    dens = data.final_core_densities() or [None] * len(ids)
+    for r, (lid, c, sc, d) in enumerate(list(zip(ids, counts, scores, dens, strict=True))[:20], 1):
+        lines.append(f"| {r} | `{lid[0]}:{lid[1]}` | {sc:.4g} | {c} | {_fmt(d, 4)} |")
+    if any(d is not None for d in dens):
+        lines += ["", _img(plots, "core_density")]
     lines += ["", "## Feature density (last cycle)", "", _img(plots, "feature_density")]
     lines += ["", "## Transfer across sparsity levels", ""]
     if transfer:
@@ -305,6 +358,7 @@ def build_report(
         "jaccard": plot_jaccard(data, out / "jaccard.png"),
         "core_origins": plot_core_origins(data, out / "core_origins.png"),
         "core_composition": plot_core_composition(data, out / "core_composition.png"),
+        "core_density": plot_core_density(data, out / "core_density.png"),
         "cycle_metrics": plot_cycle_metrics(data, out / "cycle_metrics.png"),
         "feature_density": plot_feature_density(data, out / "feature_density.png"),
     }

@@ -1,4 +1,4 @@
-"""The run directory, the unit of persistence (``../shared/DESIGN.md``).
+"""The run directory, the unit of persistence (docs/run-directory.md).
 
 Every file is written to a temporary name and renamed into place, so a crash never leaves a
 half-written artefact and a restart resumes after the last committed cycle.
@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dmsae_ray.config import ConfigError, MissingInputError, RunConfig, save_config, validate
+from dmsae_ray.core import Core
 from dmsae_ray.export import write_saelens
 from dmsae_ray.sae import MatryoshkaBatchTopKSAE
 
@@ -109,7 +110,7 @@ class RunDir:
         norm_factor: float,
         core_in: list,
         core_out: dict,
-        core_encoder: torch.Tensor,
+        core: Core,
         metrics: dict,
     ) -> None:
         """Write the whole cycle into a temp dir and rename it into place (all or nothing)."""
@@ -126,7 +127,7 @@ class RunDir:
         atomic_write_json(sae_dir / "dmsae_hparams.json", sae.hparams())
         atomic_write_json(sae_dir / "metrics.json", metrics)
         atomic_write_json(tmp / "core.json", core_out)
-        save_file({"W_enc_core": core_encoder.contiguous()}, str(tmp / "core_encoder.safetensors"))
+        _save_core_tensors(tmp / "core_encoder.safetensors", core)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -142,20 +143,39 @@ class RunDir:
         return read_json(self.cycle_dir(cycle) / "core.json")
 
     def load_core_encoder(self, cycle: int) -> torch.Tensor:
-        return load_file(str(self.cycle_dir(cycle) / "core_encoder.safetensors"))["W_enc_core"]
+        return self.load_cycle_core(cycle).vectors
 
-    def save_distilled_core(self, core_vectors: torch.Tensor, summary: dict) -> None:
+    def load_cycle_core(self, cycle: int) -> Core:
+        """The core cycle ``cycle`` selected, as the next cycle receives it."""
+        ids = self.load_core(cycle)["ids"]
+        return _load_core_tensors(self.cycle_dir(cycle) / "core_encoder.safetensors", ids)
+
+    def save_distilled_core(self, core: Core, summary: dict) -> None:
         self.core_dir.mkdir(parents=True, exist_ok=True)
         tmp = self.core_dir / ".encoder.safetensors.tmp"
-        save_file({"W_enc_core": core_vectors.contiguous()}, str(tmp))
+        _save_core_tensors(tmp, core)
         os.replace(tmp, self.core_dir / "encoder.safetensors")
         atomic_write_json(self.core_dir / "core.json", summary)
 
-    def load_distilled_core(self) -> tuple[torch.Tensor, dict]:
+    def load_distilled_core(self) -> tuple[Core, dict]:
         path = self.core_dir / "encoder.safetensors"
         if not path.is_file():
             raise MissingInputError(f"{self.root} has no distilled core yet ({path})")
-        return load_file(str(path))["W_enc_core"], read_json(self.core_dir / "core.json")
+        summary = read_json(self.core_dir / "core.json")
+        return _load_core_tensors(path, summary["ids"]), summary
+
+
+def _save_core_tensors(path: Path, core: Core) -> None:
+    tensors = {"W_enc_core": core.vectors.contiguous(), "b_enc_core": core.bias.contiguous()}
+    save_file(tensors, str(path))
+
+
+def _load_core_tensors(path: Path, ids: list) -> Core:
+    tensors = load_file(str(path))
+    vectors = tensors["W_enc_core"]
+    # Cores written before biases were carried: 0 is what those cores started from anyway.
+    bias = tensors.get("b_enc_core", torch.zeros(vectors.shape[1], dtype=vectors.dtype))
+    return Core(vectors, [tuple(i) for i in ids], bias)
 
 
 def _what(cfg: RunConfig) -> dict:

@@ -1,8 +1,16 @@
 """Matryoshka BatchTopK SAE with a frozen core block (ALGORITHM.md sections 4-6).
 
-Latents ``[0, c)`` are the core: plain ReLU, encoder columns copied from the previous cycle and
-kept as a buffer so no optimiser can ever touch them. Latents ``[c, K)`` are non-core, split
-into nested Matryoshka groups and sparsified with a global BatchTopK.
+Latents ``[0, c)`` are the core: encoder columns copied from the previous cycle and kept as a
+buffer so no optimiser can ever touch them. Latents ``[c, K)`` are non-core, split into nested
+Matryoshka groups and sparsified with a global BatchTopK. How the core fires is
+``core_activation``:
+
+- ``relu``: the core is a plain ReLU outside BatchTopK (as the paper describes it); the non-core
+  gets what is left of the ``k * B`` budget (``l0_budget: dynamic``) or all of it (``fixed``).
+  A core that fires on more than ``k`` latents per token overflows the budget: total L0 > k.
+- ``batchtopk``: core latents enter the same global top-(k*B) selection as every other latent
+  and share the inference threshold, so the total L0 is k by construction.
+
 The SAE works in the normalised input scale (``x / norm_factor``); callers normalise.
 
 Training (``loss``) runs a sparse fast path by default: one dense encoder GEMM to find the
@@ -46,6 +54,9 @@ def group_sizes(
     if any(s <= 0 for s in sizes):
         raise ValueError(f"width {width} with core {core} leaves an empty group: {sizes}")
     return sizes
+
+
+CORE_ACTIVATIONS = ("relu", "batchtopk")
 
 
 @dataclass
@@ -302,11 +313,15 @@ class MatryoshkaBatchTopKSAE(nn.Module):
         l0_budget: str = "dynamic",
         bias_level: bool = False,
         cycle: int = 0,
+        core_activation: str = "relu",
     ) -> None:
         super().__init__()
+        if core_activation not in CORE_ACTIVATIONS:
+            raise ValueError(f"core_activation must be one of {CORE_ACTIVATIONS}")
         fractions = group_fractions or [1.0]
         self.d_in, self.width, self.k, self.c = d_in, width, k, core_size
         self.l0_budget = l0_budget
+        self.core_activation = core_activation
         self.bias_level = bias_level
         self.groups = group_sizes(width, core_size, fractions, group_mode)
         nc = width - core_size
@@ -338,12 +353,22 @@ class MatryoshkaBatchTopKSAE(nn.Module):
 
     @torch.no_grad()
     def set_core(
-        self, encoder_columns: Tensor, origin_cycle: Tensor, origin_index: Tensor, tied: bool
+        self,
+        encoder_columns: Tensor,
+        origin_cycle: Tensor,
+        origin_index: Tensor,
+        tied: bool,
+        bias: Tensor | None = None,
     ) -> None:
-        """Copy the previous cycle's core encoder vectors (in selection order) into [0, c)."""
+        """Copy the previous cycle's core encoder vectors (in selection order) into [0, c);
+        ``bias``: their starting encoder biases (``core_bias: carry``), else they start at 0."""
         if encoder_columns.shape != (self.d_in, self.c):
             raise ValueError(f"core must be [{self.d_in}, {self.c}], got {encoder_columns.shape}")
         self.W_enc_core.copy_(encoder_columns)
+        if bias is not None:
+            if bias.shape != (self.c,):
+                raise ValueError(f"core bias must be [{self.c}], got {tuple(bias.shape)}")
+            self.b_enc[: self.c] = bias
         self.origin_cycle[: self.c] = origin_cycle
         self.origin_index[: self.c] = origin_index
         if tied and self.c:
@@ -376,35 +401,37 @@ class MatryoshkaBatchTopKSAE(nn.Module):
     def pre_acts(self, x: Tensor) -> Tensor:
         return (x - self.b_dec) @ self.W_enc + self.b_enc
 
+    @property
+    def core_in_topk(self) -> bool:
+        """Whether core latents compete in BatchTopK (and so obey the inference threshold)."""
+        return self.core_activation == "batchtopk"
+
     def encode_train(self, x: Tensor) -> EncodeOutput:
         post = torch.relu(self.pre_acts(x))
-        f_core, nc = post[:, : self.c], post[:, self.c :]
-        n_tokens = x.shape[0]
+        n_tokens, c = x.shape[0], self.c
+        if self.core_in_topk:
+            f, min_sel = _global_topk(post, self.k * n_tokens)
+            core_nnz = (f[:, :c] > 0).sum()
+            return EncodeOutput(f, post, core_nnz.float() / n_tokens, min_sel)
+        f_core, nc = post[:, :c], post[:, c:]
         core_nnz = (f_core > 0).sum()
         budget = self.k * n_tokens
         if self.l0_budget == "dynamic":
             budget = max(0, budget - int(core_nnz))
-        budget = min(budget, nc.numel())
-        flat = nc.flatten()
-        f_nc = torch.zeros_like(flat)
-        if budget > 0:
-            vals, idx = flat.topk(budget, sorted=False)
-            f_nc = f_nc.scatter(0, idx, vals)
-            pos = vals[vals > 0]
-            min_sel = pos.min().detach() if pos.numel() else post.new_tensor(-1.0)
-        else:
-            min_sel = post.new_tensor(-1.0)
-        f = torch.cat([f_core, f_nc.view_as(nc)], dim=1)
+        f_nc, min_sel = _global_topk(nc, budget)
+        f = torch.cat([f_core, f_nc], dim=1)
         return EncodeOutput(f, post, core_nnz.float() / n_tokens, min_sel)
 
     @torch.no_grad()
     def encode(self, x: Tensor) -> Tensor:
-        """Inference: core ReLU, non-core JumpReLU at the learned global threshold."""
+        """Inference: JumpReLU at the learned global threshold; a ``relu`` core is exempt."""
         if self.threshold < 0:
             return self.encode_train(x).f
         post = torch.relu(self.pre_acts(x))
-        nc = post[:, self.c :]
-        return torch.cat([post[:, : self.c], nc * (nc > self.threshold)], dim=1)
+        gated = post * (post > self.threshold)
+        if self.core_in_topk:
+            return gated
+        return torch.cat([post[:, : self.c], gated[:, self.c :]], dim=1)
 
     def decode(self, f: Tensor) -> Tensor:
         return f @ self.W_dec + self.b_dec
@@ -429,6 +456,8 @@ class MatryoshkaBatchTopKSAE(nn.Module):
     # -- sparse fast path ---------------------------------------------------------------
     def encode_sparse(self, x: Tensor) -> SparseCodes:
         """``encode_train`` as sparse entries, with gradients like ``encode_train``'s."""
+        if self.core_in_topk and self.c:
+            return self._encode_sparse_shared(x)
         n = x.shape[0]
         c, nc = self.c, self.width - self.c
         xc = x - self.b_dec
@@ -462,20 +491,55 @@ class MatryoshkaBatchTopKSAE(nn.Module):
                 budget = min(max(0, self.k * n - int(core_nnz)), most)
             pos = batch_topk_positions(flat, budget)
         rows, cols_nc = pos // nc, pos % nc
-        crow = torch.searchsorted(rows, torch.arange(n + 1, device=x.device))
-        pattern = SparsePattern(crow, rows, cols_nc, nc)
         raw = flat[pos]
-        vals = torch.relu(_SampledPre.apply(raw, x, self.b_dec, self.W_enc_nc, b_nc, pattern))
+        vals, pattern = self._selected_values(x, rows, cols_nc, raw)
         if keep is not None:
             vals = vals * keep
-        if vals.numel():
-            low = torch.where(vals > 0, vals, torch.full_like(vals, math.inf)).min().detach()
-            min_sel = torch.where(torch.isinf(low), torch.full_like(low, -1.0), low)
-        else:
-            min_sel = vals.new_tensor(-1.0)
+        return SparseCodes(
+            f_core, pattern, cols_nc + c, vals, pre_nc, core_nnz.float() / n,
+            _min_positive(vals),
+        )
+
+    def _encode_sparse_shared(self, x: Tensor) -> SparseCodes:
+        """``core_activation: batchtopk``: one global top-(k*B) over core and non-core.
+
+        Splitting the selection into its core and non-core entries has a data-dependent size,
+        so on an accelerator this path syncs with the host once per step (the ``relu`` path
+        with a dynamic budget avoids that; see ``sync_free_budget``).
+        """
+        n = x.shape[0]
+        c, width = self.c, self.width
+        xc = x - self.b_dec
+        pre_core = xc @ self.W_enc_core + self.b_enc[:c]
+        with torch.no_grad():
+            pre_nc = torch.addmm(self.b_enc[c:], xc.detach(), self.W_enc_nc)
+            pre = torch.cat([pre_core.detach().to(pre_nc.dtype), pre_nc], dim=1)
+        flat = pre.view(-1)
+        pos = batch_topk_positions(flat, min(self.k * n, flat.numel()))
+        rows, cols = pos // width, pos % width
+        in_core = cols < c
+        core_mask = torch.zeros(n, c, dtype=torch.bool, device=x.device)
+        core_mask[rows[in_core], cols[in_core]] = True
+        f_core = torch.relu(pre_core) * core_mask
+        pick = ~in_core
+        rows, cols_nc, raw = rows[pick], cols[pick] - c, flat[pos[pick]]
+        vals, pattern = self._selected_values(x, rows, cols_nc, raw)
+        core_nnz = (f_core > 0).sum()
+        min_sel = _min_positive(vals, f_core.detach().flatten())
         return SparseCodes(
             f_core, pattern, cols_nc + c, vals, pre_nc, core_nnz.float() / n, min_sel
         )
+
+    def _selected_values(
+        self, x: Tensor, rows: Tensor, cols_nc: Tensor, raw: Tensor
+    ) -> tuple[Tensor, SparsePattern]:
+        """The selected non-core activations (row-major entries) with their gradient path."""
+        n, nc = x.shape[0], self.width - self.c
+        crow = torch.searchsorted(rows, torch.arange(n + 1, device=x.device))
+        pattern = SparsePattern(crow, rows, cols_nc, nc)
+        b_nc = self.b_enc[self.c :]
+        vals = torch.relu(_SampledPre.apply(raw, x, self.b_dec, self.W_enc_nc, b_nc, pattern))
+        return vals, pattern
 
     def sparse_parts(self, codes: SparseCodes) -> Tensor:
         """[B, groups, d]: each group's contribution, from one sparse product whose CSR rows
@@ -563,7 +627,7 @@ class MatryoshkaBatchTopKSAE(nn.Module):
         codes = self.encode_sparse(x)
         parts = self.sparse_parts(codes)
         level_mse, residual = _NestedMSE.apply(x - self.sparse_base(codes), parts, self.bias_level)
-        recon_loss = level_mse.mean()
+        recon_loss = nested_recon_loss(level_mse)
         dead = self.dead_mask(dead_tokens)
         aux = self.aux_loss_sparse(x, residual, codes, dead)
         self.update_fired_sparse(codes, x.shape[0])
@@ -580,7 +644,7 @@ class MatryoshkaBatchTopKSAE(nn.Module):
         enc = self.encode_train(x)
         recons = self.nested_reconstructions(enc.f)
         level_mse = torch.stack([(x - r).pow(2).sum(-1).mean() for r in recons])
-        recon_loss = level_mse.mean()  # w_l = 1/(L+1)
+        recon_loss = nested_recon_loss(level_mse)
         dead = self.dead_mask(dead_tokens)
         aux = self.aux_loss(x, recons[-1], enc.post, dead)
         with torch.no_grad():
@@ -644,6 +708,7 @@ class MatryoshkaBatchTopKSAE(nn.Module):
             "groups": self.groups,
             "l0_budget": self.l0_budget,
             "bias_level": self.bias_level,
+            "core_activation": self.core_activation,
         }
 
     @classmethod
@@ -656,10 +721,50 @@ class MatryoshkaBatchTopKSAE(nn.Module):
             group_fractions=[g / (hp["width"] - hp["core_size"]) for g in hp["groups"]],
             l0_budget=hp["l0_budget"],
             bias_level=hp["bias_level"],
+            # SAEs saved before the option existed had a plain ReLU core.
+            core_activation=hp.get("core_activation", "relu"),
         )
         sae.groups = list(hp["groups"])  # exact sizes, not re-derived from fractions
         sae.load_state_dict(state)
         return sae
+
+
+def nested_recon_loss(level_mse: Tensor) -> Tensor:
+    """dictionary_learning's Matryoshka BatchTopK reconstruction term: every level's MSE times
+    its weight w_l = 1/L, then the mean of those weighted terms, i.e. sum_l mse_l / L^2.
+
+    Adam does not care about a constant factor, but aux-k is added after this term and the
+    gradient is clipped at a fixed global norm, so the normalisation sets aux-k's weight and
+    when clipping bites: with this form, ``aux_alpha = 1/32`` means what it means in
+    dictionary_learning (and in the SAEBench Matryoshka baselines trained with it).
+    """
+    n_levels = level_mse.shape[0]
+    return (level_mse / n_levels).mean()
+
+
+def _min_positive(*parts: Tensor) -> Tensor:
+    """Smallest positive entry over the parts (-1 when there is none), without a host sync."""
+    lows = [
+        torch.where(p > 0, p, torch.full_like(p, math.inf)).min() for p in parts if p.numel()
+    ]
+    if not lows:
+        return parts[0].new_tensor(-1.0)
+    low = torch.stack([v.to(lows[0].dtype) for v in lows]).min().detach()
+    return torch.where(torch.isinf(low), torch.full_like(low, -1.0), low)
+
+
+def _global_topk(post: Tensor, budget: int) -> tuple[Tensor, Tensor]:
+    """BatchTopK over a [B, n] block: the ``budget`` largest entries kept, the rest zeroed;
+    also the smallest positive kept value (-1 if none), which the inference threshold tracks."""
+    flat = post.flatten()
+    budget = min(budget, flat.numel())
+    if budget <= 0:
+        return torch.zeros_like(post), post.new_tensor(-1.0)
+    vals, idx = flat.topk(budget, sorted=False)
+    f = torch.zeros_like(flat).scatter(0, idx, vals).view_as(post)
+    pos = vals[vals > 0]
+    min_sel = pos.min().detach() if pos.numel() else post.new_tensor(-1.0)
+    return f, min_sel
 
 
 @torch.no_grad()

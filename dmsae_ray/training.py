@@ -27,7 +27,7 @@ from torch import Tensor
 from dmsae_ray.buffer import CachedActivations, shuffled_batches
 from dmsae_ray.config import RunConfig, validate
 from dmsae_ray.coordinator import NAMESPACE
-from dmsae_ray.core import build_sae
+from dmsae_ray.core import Core, build_sae
 from dmsae_ray.sae import MatryoshkaBatchTopKSAE
 from dmsae_ray.trainer import MetricWindow, SAELoss, SAETrainer
 
@@ -86,8 +86,11 @@ def train_loop_per_worker(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(max(1, int(cfg.ray.cpus_per_worker)))
     device = ray.train.torch.get_device()
-    core = None if config["core"] is None else torch.from_numpy(config["core"])
-    sae = build_sae(cfg, config["d_in"], config["cycle"], core, config["core_ids"]).to(device)
+    core = None
+    if config["core"] is not None:
+        vectors, bias = (torch.from_numpy(config["core"][k]) for k in ("vectors", "bias"))
+        core = Core(vectors, [tuple(i) for i in config["core_ids"]], bias)
+    sae = build_sae(cfg, config["d_in"], config["cycle"], core).to(device)
     sae.fast = cfg.train.fast_path
     per_worker = max(1, cfg.train.batch_size // world)
     seed = cfg.train.seed + config["cycle"] + 7919 * rank
@@ -178,8 +181,7 @@ def train_sae(
     cfg: RunConfig,
     run_root: Path,
     cycle: int,
-    core: Tensor | None,
-    core_ids: list,
+    core: Core | None,
     norm_factor: float,
     d_in: int,
     dataset: ray.data.Dataset,
@@ -198,8 +200,11 @@ def train_sae(
         train_loop_config={
             "cfg": cfg.model_dump(mode="json"),
             "cycle": cycle,
-            "core": None if core is None else core.numpy().astype(np.float32),
-            "core_ids": [list(i) for i in core_ids],
+            "core": None if core is None else {
+                "vectors": core.vectors.numpy().astype(np.float32),
+                "bias": core.bias.numpy().astype(np.float32),
+            },
+            "core_ids": [] if core is None else [list(i) for i in core.ids],
             "norm_factor": norm_factor,
             "d_in": d_in,
             "coordinator": coordinator,

@@ -68,7 +68,7 @@ MAX_TRIALS = 1000
 # Keys a sweep may not vary: where trials write is the sweep's choice.
 RESERVED_KEYS = ("run_dir",)
 # Evaluation metrics of a cycle (its summary's `eval`) reported to Tune and tabulated.
-EVAL_METRICS = ("l0", "core_l0", "explained_variance", "ce_loss_score")
+EVAL_METRICS = ("l0", "core_l0", "l0_overflow", "fve", "explained_variance", "ce_loss_score")
 
 
 # ----------------------------------------------------------------------------- errors
@@ -245,6 +245,9 @@ def _local_paths_absolute(data: dict[str, Any]) -> None:
             p = Path(value).expanduser()
             if p.exists():
                 data[section][key] = str(p.resolve())
+    cache = data.get("data", {}).get("activation_cache")
+    if isinstance(cache, str) and "://" not in cache and not Path(cache).is_absolute():
+        data["data"]["activation_cache"] = str(Path(cache).expanduser().resolve())
 
 
 def _digest(obj: Any) -> str:
@@ -537,7 +540,12 @@ def trial_row(trial: dict[str, Any], keys: list[str], sweep_dir: Path) -> dict[s
         "selected_every_cycle": selected_every_cycle(core),
     }
     row |= {k: ev.get(k) for k in EVAL_METRICS}
+    # The worst cycle, not only the last: a default must hold in every cycle.
+    fves = [c["eval"]["fve"] for c in cycles if "fve" in (c.get("eval") or {})]
+    core_l0s = [c["eval"]["core_l0"] for c in cycles if "core_l0" in (c.get("eval") or {})]
     row |= {
+        "min_fve": min(fves) if fves else None,
+        "max_core_l0": max(core_l0s) if core_l0s else None,
         "seconds": sum(c.get("seconds") or 0 for c in cycles) if cycles else None,
         "run_dir": rel,
         "error": state.get("error"),
@@ -659,7 +667,7 @@ def write_plots(sweep_dir: Path, summary: dict[str, Any]) -> list[Path]:
     panels = (
         ("core size", "core_size", "selected_every_cycle",
          "solid: final core, dashed: selected in every cycle"),
-        ("coverage", "explained_variance", "ce_loss_score",
+        ("coverage", "fve", "ce_loss_score",
          "solid: variance explained, dashed: CE loss recovered"),
         ("sparsity", "l0", "core_l0", "solid: L0, dashed: core L0"),
     )

@@ -4,6 +4,7 @@ from dmsae_ray.attribution import (
     attribute,
     attribution_scores,
     column_quantile,
+    scored_mask,
     signed_to_pooled_input,
     spliced_loss,
 )
@@ -76,16 +77,21 @@ def test_scores_match_autograd_and_finite_differences(tiny_lm):
     nf = _norm(model, ids)
     s = attribution_scores(model, sae, ids, LAYER, nf, specials, "splice")
     loss, f, valid = spliced_loss(model, sae, ids, LAYER, nf, specials, "splice")
-    assert s.shape == (int(valid.sum()), sae.nested_width)
+    scored = scored_mask(valid)
+    assert s.shape == (int(scored.sum()), sae.nested_width)
     assert not valid[:, 0].any() and not valid[1, 9]
+    # pooled: positions with a next-token target; not the last one, not the one before a BOS
+    assert not scored[:, -1].any() and not scored[1, 8] and scored[0, 1:-1].all()
     (grad_f,) = torch.autograd.grad(loss, f)
-    torch.testing.assert_close(s, (f.detach() * grad_f)[valid])
+    full = f.detach() * grad_f
+    torch.testing.assert_close(s, full[scored])
+    assert (full[:, -1] == 0).all()  # the last position feeds no loss term: its zeros are left out
 
     n = sae.nested_width
     # finite differences: pick the active (token, latent) with the largest score
     flat = s.abs().argmax()
     tok_i, lat = divmod(int(flat), n)
-    pos = torch.nonzero(valid)[tok_i]
+    pos = torch.nonzero(scored)[tok_i]
     eps = 1e-3
     f0 = f.detach()
 

@@ -1,6 +1,7 @@
+import pytest
 import torch
 
-from dmsae_ray.core import jaccard, select_core, select_minimal, selection_counts
+from dmsae_ray.core import Core, jaccard, select_core, select_minimal, selection_counts
 from dmsae_ray.sae import MatryoshkaBatchTopKSAE
 
 
@@ -56,6 +57,22 @@ def test_reselect_can_drop_old_core_and_accumulate_keeps_it():
     assert acc.indices == [0, 1, 2, 5]
     capped = select_core(sae, pooled, 1.0, "reselect", max_core=1)
     assert capped.indices == [5]
+    # the truncated core's fraction is what it explains, not what the full selection did
+    assert capped.fraction == 10.0 / 10.5
+    assert select_core(sae, pooled, 1.0, "reselect", None).fraction == 1.0
+
+
+def test_core_of_carries_vectors_ids_and_biases_in_selection_order():
+    torch.manual_seed(0)
+    sae = MatryoshkaBatchTopKSAE(8, 64, 4, core_size=2, group_fractions=[0.5, 0.5], cycle=3)
+    with torch.no_grad():
+        sae.b_enc.normal_()
+    core = Core.of(sae, [9, 1])
+    assert torch.equal(core.vectors, sae.W_enc[:, [9, 1]])
+    assert torch.equal(core.bias, sae.b_enc[[9, 1]].detach())
+    assert core.ids == [(3, 9), (3, 1)] and core.size == 2
+    with pytest.raises(ValueError, match="ids"):
+        Core(core.vectors, core.ids[:1], core.bias)
 
 
 def test_jaccard_and_counts_by_persistent_id():

@@ -8,15 +8,18 @@ import torch.nn.functional as F
 from conftest import tiny_config
 
 from dmsae_ray.config import validate
-from dmsae_ray.core import build_sae
+from dmsae_ray.core import Core, build_sae
 from dmsae_ray.data import load_token_data, valid_mask
 from dmsae_ray.evaluate import (
+    CoreStats,
     ce_loss_score,
     density_histogram,
     density_metrics,
     evaluate_sae,
     kl_div_score,
+    l0_overflow,
     log_sparsity,
+    max_cosine_sims,
     reconstruction_metrics,
     run_eval,
     token_ce_kl,
@@ -36,12 +39,12 @@ def test_reconstruction_metrics_by_hand():
     assert m["l0"] == approx(1.5) and m["core_l0"] == approx(0.5) and m["l1"] == approx(3.0)
     # squared error per token: 1 and 1; mean x = (0.5, 1); ||x - mean||^2 = 1.25 for both
     assert m["mse"] == approx(1.0)
-    assert m["explained_variance"] == approx(1 - 1 / 1.25)
+    assert m["fve"] == approx(1 - 1 / 1.25)
     assert m["explained_variance_legacy"] == approx(1 - 1 / 1.25)
     # SAEBench's code: E||x||^2 - (mean_d E[x_d^2])^2 = 2.5 - 1.25^2 = 0.9375
-    assert m["explained_variance_saebench"] == approx(1 - 1 / 0.9375)
+    assert m["explained_variance"] == approx(1 - 1 / 0.9375)
     assert m["nested_mse"] == approx(2.0)  # errors 0 and 4
-    assert m["nested_explained_variance"] == approx(1 - 2 / 1.25)
+    assert m["nested_fve"] == approx(1 - 2 / 1.25)
     assert m["cossim"] == approx((1 / math.sqrt(2) + 1) / 2)
     assert m["l2_norm_in"] == approx(1.5) and m["l2_norm_out"] == approx((math.sqrt(2) + 3) / 2)
     assert m["l2_ratio"] == approx((math.sqrt(2) + 1.5) / 2)
@@ -55,8 +58,40 @@ def test_legacy_explained_variance_is_a_per_token_mean():
     x = torch.tensor([[0.0], [1.0], [3.0]])  # mean 4/3: per-token variance 16/9, 1/9, 25/9
     x_hat = torch.tensor([[1.0], [1.0], [2.0]])  # squared errors 1, 0, 1
     m = reconstruction_metrics(x, x_hat, torch.ones(3, 1), core=0)
-    assert m["explained_variance"] == approx(1 - (2 / 3) / (14 / 9))
+    assert m["fve"] == approx(1 - (2 / 3) / (14 / 9))
     assert m["explained_variance_legacy"] == approx((7 / 16 + 1 + 16 / 25) / 3)
+
+
+def test_saebench_metrics_are_raw_scale_and_per_batch_where_saebench_is():
+    x = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    x_hat = torch.tensor([[1.0, 1.0], [0.0, 3.0]])
+    f = torch.tensor([[1.0, 0.0, 2.0], [0.0, 0.0, 3.0]])
+    # The SAE sees x / 2: every metric is of the raw activations 2x (SAEBench's view).
+    m = reconstruction_metrics(x, x_hat, f, core=1, scale=2.0)
+    assert m["mse"] == approx(4.0) and m["l1"] == approx(6.0) and m["l2_norm_in"] == approx(3.0)
+    # E||2x||^2 - (mean_d E[(2x_d)^2])^2 = 10 - 5^2: SAEBench's formula is not scale-free ...
+    assert m["explained_variance"] == approx(1 - 4 / (10 - 25))
+    assert m["fve"] == approx(1 - 1 / 1.25)  # ... ours is
+    # Two eval batches of different sizes: SAEBench averages these two per batch.
+    stats = CoreStats(3, core=1)
+    stats.update(x[:1], x_hat[:1], f[:1])
+    stats.update(torch.cat([x[1:], x[1:]]), torch.cat([x_hat[1:], x_hat[1:]]), f[[1, 1]])
+    m = stats.metrics()
+    assert m["relative_reconstruction_bias"] == approx((2 / 1 + 9 / 6) / 2)
+    # batch means: ||x||^2 1 and 4, x_d^2 per dim (1, 0) and (0, 4), rss 1 and 1
+    assert m["explained_variance"] == approx(1 - 1 / (2.5 - 1.25**2))
+    assert m["mse"] == approx(1.0)  # a per-token mean over all three tokens
+
+
+def test_max_cosine_sims_and_l0_overflow_by_hand():
+    v = torch.tensor([[1.0, 1.0, 0.0], [0.0, 1.0, 1.0]])  # columns at 0, 45 and 90 degrees
+    torch.testing.assert_close(
+        max_cosine_sims(v, chunk=2), torch.tensor([0.5**0.5, 0.5**0.5, 0.5**0.5])
+    )
+    sae = MatryoshkaBatchTopKSAE(2, 8, k=2, core_size=3, group_fractions=[1.0])
+    assert l0_overflow(sae, 3.5) == approx(1.5) and l0_overflow(sae, 1.0) == 0.0
+    shared = MatryoshkaBatchTopKSAE(2, 8, 2, 3, [1.0], core_activation="batchtopk")
+    assert l0_overflow(shared, 3.5) == 0.0  # a competing core cannot overflow the budget
 
 
 def test_density_metrics_by_hand():
@@ -134,7 +169,7 @@ def test_a_perfect_sae_recovers_everything_on_the_tiny_lm(tiny_eval):
     m, density = run_eval(model, sae, data.eval, layer, 3.0, data.specials, batch_size=2)
     valid = valid_mask(data.eval, data.specials)
     assert m["eval_tokens"] == int(valid.sum()) and density.shape == (sae.width,)
-    assert m["mse"] < 1e-10 and m["explained_variance"] == approx(1.0)
+    assert m["mse"] < 1e-10 and m["fve"] == approx(1.0) and m["explained_variance"] == approx(1.0)
     assert m["cossim"] == approx(1.0) and m["l2_ratio"] == approx(1.0)
     assert m["ce_sae"] == approx(m["ce_clean"], abs=1e-5)
     assert m["kl_sae"] < 1e-6 < m["kl_zero"]
@@ -161,8 +196,9 @@ def test_evaluate_sae_uses_the_inference_threshold_and_counts_the_core(tiny_eval
     cfg = validate(tiny_config(tiny_dir, "unused", sae={"width": 64, "k": 4}))
     d = model.config.hidden_size
     torch.manual_seed(1)
-    core = torch.nn.functional.normalize(torch.randn(d, 3), dim=0)
-    sae = build_sae(cfg, d, cycle=1, core=core, core_ids=[(0, i) for i in range(3)]).eval()
+    vectors = torch.nn.functional.normalize(torch.randn(d, 3), dim=0)
+    core = Core(vectors, [(0, i) for i in range(3)], torch.zeros(3))
+    sae = build_sae(cfg, d, cycle=1, core=core).eval()
     sae.threshold.fill_(0.05)
     nf = 10.0
     # The signature local_backend and the Ray scoring actors call, positionally.
@@ -171,5 +207,7 @@ def test_evaluate_sae_uses_the_inference_threshold_and_counts_the_core(tiny_eval
     f = sae.encode(h)
     assert m["l0"] == approx(float((f > 0).sum(-1).float().mean()), rel=1e-5)
     assert m["core_l0"] == approx(float((f[:, :3] > 0).sum(-1).float().mean()), rel=1e-5)
-    for key in ("kl_div_score", "ce_loss_score", "freq_over_1_percent", "feature_density_hist"):
+    for key in ("kl_div_score", "ce_loss_score", "freq_over_1_percent", "feature_density_hist",
+                "average_max_encoder_cosine_sim", "average_max_decoder_cosine_sim"):
         assert key in m
+    assert m["average_max_decoder_cosine_sim"] == approx(float(max_cosine_sims(sae.W_dec.T).mean()))

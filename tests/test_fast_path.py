@@ -17,12 +17,21 @@ FRACS = [1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2 + 1 / 32]
 D, WIDTH, K, N = 32, 2048, 8, 64  # N * WIDTH = 131k candidates > 2**16
 
 
+MODES = ["relu", "batchtopk"]  # core_activation
+
+
 def make_pair(
-    core: int, budget: str = "dynamic", bias_level: bool = False, dtype=torch.float64, fracs=FRACS
+    core: int,
+    budget: str = "dynamic",
+    bias_level: bool = False,
+    dtype=torch.float64,
+    fracs=FRACS,
+    mode: str = "relu",
 ):
     torch.manual_seed(0)
     sae = MatryoshkaBatchTopKSAE(
-        D, WIDTH, K, core, group_fractions=fracs, l0_budget=budget, bias_level=bias_level
+        D, WIDTH, K, core, group_fractions=fracs, l0_budget=budget, bias_level=bias_level,
+        core_activation=mode,
     ).to(dtype)
     if core:
         cols = torch.randn(D, core, dtype=dtype) * 0.5
@@ -50,9 +59,11 @@ def loss_and_grads(sae: MatryoshkaBatchTopKSAE, x: torch.Tensor, dead_tokens: in
 
 
 @pytest.mark.parametrize("core", [0, 6])
-@pytest.mark.parametrize("budget", ["dynamic", "fixed"])
-def test_codes_and_nested_reconstructions_match(core, budget):
-    fast, ref = make_pair(core, budget)
+@pytest.mark.parametrize(
+    "budget,mode", [("dynamic", "relu"), ("fixed", "relu"), ("dynamic", "batchtopk")]
+)
+def test_codes_and_nested_reconstructions_match(core, budget, mode):
+    fast, ref = make_pair(core, budget, mode=mode)
     x = batch()
     codes = fast.encode_sparse(x)
     enc = ref.encode_train(x)
@@ -68,8 +79,9 @@ def test_codes_and_nested_reconstructions_match(core, budget):
 @pytest.mark.parametrize("core", [0, 6])
 @pytest.mark.parametrize("dead", [False, True], ids=["no-dead", "aux-k"])
 @pytest.mark.parametrize("sync_free", [False, True], ids=["cpu-budget", "device-budget"])
-def test_loss_metrics_and_gradients_match(core, dead, sync_free):
-    fast, ref = make_pair(core, bias_level=core > 0)
+@pytest.mark.parametrize("mode", MODES)
+def test_loss_metrics_and_gradients_match(core, dead, sync_free, mode):
+    fast, ref = make_pair(core, bias_level=core > 0, mode=mode)
     fast.sync_free_budget = sync_free  # True: the accelerator route (static top-k + rank mask)
     if dead:
         for sae in (fast, ref):  # a third of the latents dead: aux-k runs on them
@@ -87,8 +99,9 @@ def test_loss_metrics_and_gradients_match(core, dead, sync_free):
     assert torch.equal(fast.tokens_since_fired, ref.tokens_since_fired)
 
 
-def test_float32_gradients_match_within_float_tolerance():
-    fast, ref = make_pair(6, dtype=torch.float32)
+@pytest.mark.parametrize("mode", MODES)
+def test_float32_gradients_match_within_float_tolerance(mode):
+    fast, ref = make_pair(6, dtype=torch.float32, mode=mode)
     x = batch(torch.float32)
     loss_f, _, grads_f = loss_and_grads(fast, x, dead_tokens=10**7)
     loss_r, _, grads_r = loss_and_grads(ref, x, dead_tokens=10**7)
@@ -97,8 +110,9 @@ def test_float32_gradients_match_within_float_tolerance():
         torch.testing.assert_close(grads_f[name], g, rtol=1e-4, atol=1e-5, msg=name)
 
 
-def test_single_group_matches():
-    fast, ref = make_pair(6, fracs=[1.0])
+@pytest.mark.parametrize("mode", MODES)
+def test_single_group_matches(mode):
+    fast, ref = make_pair(6, fracs=[1.0], mode=mode)
     x = batch()
     loss_f, _, grads_f = loss_and_grads(fast, x, dead_tokens=10**7)
     loss_r, _, grads_r = loss_and_grads(ref, x, dead_tokens=10**7)
@@ -107,10 +121,11 @@ def test_single_group_matches():
         torch.testing.assert_close(grads_f[name], g, rtol=1e-8, atol=1e-10, msg=name)
 
 
-def test_bf16_autocast_runs_and_agrees_with_the_reference_under_autocast():
+@pytest.mark.parametrize("mode", MODES)
+def test_bf16_autocast_runs_and_agrees_with_the_reference_under_autocast(mode):
     # What --device cuda runs: the sparse products stay fp32 inside, the GEMMs go bf16. bf16
     # ties can swap a few selected latents, hence the loose tolerance.
-    fast, ref = make_pair(6, dtype=torch.float32)
+    fast, ref = make_pair(6, dtype=torch.float32, mode=mode)
     x = batch(torch.float32)
     losses = []
     for sae in (fast, ref):
@@ -122,8 +137,9 @@ def test_bf16_autocast_runs_and_agrees_with_the_reference_under_autocast():
     torch.testing.assert_close(losses[0], losses[1], rtol=2e-2, atol=1e-3)
 
 
-def test_training_steps_track_the_reference():
-    fast, ref = make_pair(6)
+@pytest.mark.parametrize("mode", MODES)
+def test_training_steps_track_the_reference(mode):
+    fast, ref = make_pair(6, mode=mode)
     cfg = SAEConfig(width=WIDTH, k=K, threshold_start_step=0, dead_tokens=10**7)
     train = TrainConfig(tokens_per_cycle=N * 5, batch_size=N, lr=1e-3, warmup_steps=0)
     trainers = [SAETrainer(s, cfg, train) for s in (fast, ref)]
@@ -133,6 +149,27 @@ def test_training_steps_track_the_reference():
         torch.testing.assert_close(out_f["loss"], out_r["loss"], rtol=1e-8, atol=1e-10)
     for (name, p_f), p_r in zip(fast.state_dict().items(), ref.state_dict().values(), strict=True):
         torch.testing.assert_close(p_f, p_r, rtol=1e-8, atol=1e-10, msg=name)
+
+
+def test_a_competing_core_shares_the_budget_and_the_threshold():
+    shared, ref = make_pair(6, mode="batchtopk")
+    relu, _ = make_pair(6, mode="relu")
+    with torch.no_grad():  # a core that fires on nearly every token as a plain ReLU
+        for sae in (shared, ref, relu):
+            sae.b_enc[:6] = 6.0
+    x = batch()
+    codes = shared.encode_sparse(x)
+    f = codes.to_dense().detach()
+    assert int((f > 0).sum()) == K * N  # the total L0 is exactly k per token ...
+    # ... and the core gets only the firings it wins, not all it would have as a ReLU
+    assert float(codes.core_l0) < float(relu.encode_sparse(x).core_l0) - 0.5
+    assert float(codes.min_selected) == float(f[f > 0].min())  # the core's values count too
+    threshold = float(codes.min_selected) + 1e-3
+    for sae in (ref, relu):
+        sae.threshold.fill_(threshold)
+    inf = ref.encode(x)
+    assert ((inf[:, :6] == 0) | (inf[:, :6] > threshold)).all()  # the core obeys it
+    assert (relu.encode(x)[:, :6] > 0).float().mean() > 0.9  # a relu core ignores it
 
 
 def test_zero_budget_gives_no_non_core_codes():

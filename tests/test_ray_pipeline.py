@@ -48,7 +48,7 @@ def test_end_to_end_on_ray(ray_run):
         assert (rd.cycle_dir(c) / "sae" / "sae_weights.safetensors").is_file()
         summary = state["cycles"][c]
         assert summary["train"]["steps"] == 16 and summary["train"]["l0"] == pytest.approx(8, 0.1)
-        assert 0 < summary["eval"]["explained_variance"] <= 1
+        assert 0 < summary["eval"]["fve"] <= 1
     # Ray Train wrote checkpoints for every cycle under the run directory
     assert all((run_dir / "ray_train" / f"cycle-{c:03d}").is_dir() for c in range(2))
     assert (run_dir / "tokens").is_dir() and (run_dir / "activations_parquet/COMMIT.json").is_file()

@@ -25,11 +25,14 @@ def core_run(tiny_dir, tmp_path_factory):
 
 def fake_transfer_rows() -> list[dict]:
     rows = []
-    for k in (4, 8, 16):
-        for n, variant in enumerate(VARIANTS):
-            row = {"k": k, "variant": variant, "core_size": 0 if variant == "baseline" else 5}
-            row |= {m: k * (1 + 0.1 * n) if m == "l0" else 0.1 * n + k / 100 for m in METRICS}
-            rows.append(row | {"run_dir": f"k{k}/{variant}"})
+    for seed in (0, 1):
+        for k in (4, 8, 16):
+            for n, variant in enumerate(VARIANTS):
+                row = {"k": k, "variant": variant, "seed": seed,
+                       "core_size": 0 if variant == "baseline" else 5}
+                row |= {m: k * (1 + 0.1 * n) + seed if m == "l0" else 0.1 * n + k / 100
+                        for m in METRICS}
+                rows.append(row | {"run_dir": f"k{k}/{variant}/seed{seed}"})
     return rows
 
 
@@ -49,7 +52,7 @@ def test_report_renders_every_plot_with_a_transfer_table(core_run, tmp_path):
     for path in plots.values():
         assert f"]({path.name})" in summary
     assert "## Final core" in summary and "| 2 |" in summary  # a row per cycle
-    assert "Difference to the baseline" in summary  # the transfer table is embedded
+    assert "Distilled minus baseline at the same measured L0" in summary  # table embedded
     distilled = json.loads((core_run / "core" / "core.json").read_text())
     assert f"## Final core: {len(distilled['ids'])} latents" in summary
 

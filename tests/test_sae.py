@@ -1,7 +1,7 @@
 import torch
 
 from dmsae_ray.config import SAEConfig, TrainConfig
-from dmsae_ray.core import build_sae
+from dmsae_ray.core import Core, build_sae
 from dmsae_ray.sae import MatryoshkaBatchTopKSAE, geometric_median, group_sizes
 from dmsae_ray.trainer import SAETrainer, lr_lambda
 
@@ -67,9 +67,7 @@ def test_core_encoder_is_frozen_and_transfers_bit_identical():
 
     cfg = RunConfig.model_validate({"sae": {"width": 128, "k": 4}})
     order = [3, 0, 7, 1]
-    nxt = build_sae(
-        cfg, 16, cycle=2, core=sae.W_enc[:, order].detach(), core_ids=[(0, i) for i in order]
-    )
+    nxt = build_sae(cfg, 16, cycle=2, core=Core.of(sae, order))
     assert torch.equal(nxt.W_enc_core, sae.W_enc[:, order].detach())
     assert torch.equal(nxt.W_enc_core[:, :2], core[:, [3, 0]])
     assert nxt.origin_index[:4].tolist() == order and nxt.origin_cycle[4:].eq(2).all()
@@ -88,6 +86,32 @@ def test_dynamic_budget_keeps_total_l0_at_k():
     fixed.load_state_dict(sae.state_dict())
     out_fixed = fixed.encode_train(x)
     assert float((out_fixed.f > 0).sum(-1).float().mean()) > 4.5  # core L0 comes on top
+
+
+def test_a_relu_core_overflows_the_budget_and_a_competing_core_cannot():
+    x = torch.randn(64, 16)
+    hot = torch.randn(16, 6)
+    for mode in ("relu", "batchtopk"):
+        sae = MatryoshkaBatchTopKSAE(16, 128, 4, 6, FRACS, core_activation=mode)
+        sae.set_core(hot, torch.zeros(6, dtype=torch.long), torch.arange(6), False,
+                     bias=torch.full((6,), 5.0))  # fires on (nearly) every token
+        out = sae.encode_train(x)
+        total = float((out.f > 0).sum(-1).float().mean())
+        if mode == "relu":
+            assert float(out.core_l0) > 5 and total == float(out.core_l0) > 4  # over k
+        else:
+            assert total == 4 and float(out.core_l0) <= 4  # k by construction
+
+
+def test_core_bias_starts_at_zero_or_is_carried():
+    from dmsae_ray.config import RunConfig
+
+    core = Core(torch.randn(16, 3), [(0, 4), (1, 2), (0, 7)], torch.tensor([-0.5, 0.25, 1.0]))
+    for how, expected in (("zero", torch.zeros(3)), ("carry", core.bias)):
+        cfg = RunConfig.model_validate({"sae": {"width": 128, "k": 4, "core_bias": how}})
+        sae = build_sae(cfg, 16, cycle=2, core=core)
+        torch.testing.assert_close(sae.b_enc[:3].detach(), expected)
+        assert not sae.b_enc[3:].any()  # every non-core bias is re-initialised
 
 
 def test_training_keeps_l0_near_k_and_nested_mse_monotone():

@@ -6,6 +6,7 @@ Plain PyTorch: the in-process path iterates it directly and the Ray Data actors 
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -107,7 +108,8 @@ class CachedActivations:
             if n >= max_rows:
                 break
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
+        # One temporary name per process: runs sharing a cache may build it at the same time.
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         save_file({"acts": torch.cat(chunks)[:max_rows].contiguous()}, str(tmp))
         tmp.replace(self.path)
 

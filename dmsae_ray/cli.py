@@ -8,6 +8,7 @@ import signal
 import sys
 from pathlib import Path
 
+from dmsae_ray.compare import DEFAULT_SEEDS
 from dmsae_ray.config import ConfigError, RunConfig, load_config
 
 DESCRIPTION = """\
@@ -28,6 +29,23 @@ subcommands:
   report   summary.md + plots of a run (core sizes, origins, Jaccard; transfer curves)
   export   a run's SAEs as SAELens folders (--hub-layout: ready to push to the HF hub)
   inspect  top-activating token contexts of (core) latents
+  study    the paper's experiment in one command: distil, transfer over a k grid, report
+"""
+
+STUDY_HELP = """\
+The paper's experiment, resumable, in one directory OUT:
+  OUT/distill    the distillation: cycle 0 plus distill.cycles (the paper: 7)
+  OUT/transfer   for every --k: a plain Matryoshka baseline, a random core (a random subset of
+                 the cycle-0 SAE's most nested latents, of the distilled core's size) and the
+                 distilled core, --seeds seeds each; transfer.md compares them at the same
+                 *measured* L0 (mean, standard error, verdict per metric)
+  OUT/report     summary.md and PNGs: core size and Jaccard per cycle, the final core's origin
+                 cycles, selection counts and densities, metric vs measured L0 curves
+  OUT/activations  the training activations, computed once and shared by every run
+  OUT/study.json the command, versions and machine
+Rerunning the same command continues where it stopped; a finished study only rebuilds the
+report. Example (the committed stories15M study, results/stories15m/):
+  dmsae study configs/study/stories15m.yaml --out runs/study-stories15m --k 16,32,64,128
 """
 
 RUN_EPILOG = """\
@@ -108,7 +126,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         ev = s["eval"]
         print(
             f"  cycle {s['cycle']}: core {s['core_in']} -> {s['core_size']}, jaccard {jac}, "
-            f"L0 {ev['l0']:.1f}, FVE {ev['explained_variance']:.3f}"
+            f"L0 {ev['l0']:.1f}, FVE {ev['fve']:.3f}"
         )
     return 0
 
@@ -156,9 +174,18 @@ def cmd_transfer(args: argparse.Namespace) -> int:
 
     rows = run_transfer(
         args.core, parse_ks(args.k), out=args.out, config=args.config, overrides=args.set,
-        variants=tuple(v for v in args.variants.split(",") if v), seed=args.seed,
+        variants=tuple(v for v in args.variants.split(",") if v), seeds=args.seeds,
+        seed=args.seed,
     )
     print(summarize(rows))
+    return 0
+
+
+def cmd_study(args: argparse.Namespace) -> int:
+    from dmsae_ray.study import run_study
+    from dmsae_ray.transfer import parse_ks
+
+    run_study(args.config, args.out, parse_ks(args.k), seeds=args.seeds, overrides=args.set)
     return 0
 
 
@@ -213,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("config", help="print the effective config")
     _add_config_args(p)
     p.set_defaults(fn=cmd_config)
-    p = sub.add_parser("serve", help="REST service: runs as Ray jobs (see README.md)")
+    p = sub.add_parser("serve", help="REST service: runs as Ray jobs (docs/api.md)")
     p.add_argument("--host", default="127.0.0.1", help="without a token: loopback only")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--ray-address", help="Ray dashboard URL (default: $RAY_ADDRESS)")
@@ -238,8 +265,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override one key of that config (repeatable)")
     p.add_argument("--out", type=Path, help="runs and tables (default: CORE/transfer)")
     p.add_argument("--variants", default="distilled,baseline,random", help="which rows to train")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random-core draw")
+    p.add_argument("--seeds", type=int, default=DEFAULT_SEEDS,
+                   help="seeds per (k, variant): mean and standard error per point "
+                   f"(default {DEFAULT_SEEDS})")
+    p.add_argument("--seed", type=int, default=0,
+                   help="first seed (train.seed and random-core draw); then seed+1, ...")
     p.set_defaults(fn=cmd_transfer)
+    p = sub.add_parser(
+        "study", help="distil, transfer over a k grid with seeds, report: one resumable command",
+        description=STUDY_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("config", nargs="?", help="run config (default: the embedded default)")
+    p.add_argument("--out", required=True, type=Path, help="the study directory")
+    p.add_argument("--k", default="16,32,64,128", help="comma-separated k values of the transfer")
+    p.add_argument("--seeds", type=int, default=DEFAULT_SEEDS, help="seeds per (k, variant)")
+    p.add_argument("--set", "-s", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one key of the config (repeatable)")
+    p.set_defaults(fn=cmd_study)
     p = sub.add_parser("report", help="summary.md + plots of a run (RUN_DIR/report/)")
     p.add_argument("run_dir", type=Path)
     p.add_argument("--transfer", type=Path, help="transfer.csv (default: RUN_DIR/transfer/)")

@@ -5,20 +5,47 @@ The Ray backend (``ray_backend.py``) runs the same algorithm functions on a clus
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 from torch import Tensor
 
 from dmsae_ray.attribution import attribute
 from dmsae_ray.buffer import CachedActivations, iter_activations, shuffled_batches
-from dmsae_ray.config import RunConfig
-from dmsae_ray.core import LatentId, build_sae
+from dmsae_ray.config import ConfigError, RunConfig
+from dmsae_ray.core import Core, build_sae
 from dmsae_ray.data import load_token_data
 from dmsae_ray.evaluate import evaluate_sae
 from dmsae_ray.lm import load_lm, load_tokenizer
 from dmsae_ray.rundir import RunDir, RunState
 from dmsae_ray.sae import MatryoshkaBatchTopKSAE
+from dmsae_ray.storage import is_uri
 from dmsae_ray.trainer import estimate_norm_factor, repeat_batches, train_cycle
+
+
+def local_cache_path(cfg: RunConfig, default: Path) -> Path:
+    """Where this process keeps its activation cache: ``default`` (in the run directory), or,
+    with ``data.activation_cache`` set to a local directory, a file named by a digest of
+    everything the activations depend on, so the runs of a study or sweep that share a model,
+    layer, corpus and token budget compute them once."""
+    where = cfg.data.activation_cache
+    if where is None:
+        return default
+    if is_uri(where) and not where.startswith("file://"):
+        raise ConfigError(
+            f"data.activation_cache: {where!r} is an object-store URI; with ray.enabled: false "
+            "the cache must be a local directory (the Ray backend writes object stores)"
+        )
+    key = {
+        "model": cfg.model.model_dump(mode="json"),
+        "data": cfg.data.model_dump(mode="json", exclude={"cache_activations", "activation_cache"}),
+        "tokens": cfg.train.tokens_per_cycle,
+    }
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    base = Path(where.removeprefix("file://")).expanduser()
+    return base / f"local-{digest}" / "activations.safetensors"
 
 
 class LocalBackend:
@@ -47,8 +74,10 @@ class LocalBackend:
         cfg = self.cfg
         seed = cfg.train.seed + cycle
         if cfg.data.cache_activations:
-            cache = CachedActivations(self.rd.activations_path)
-            if not cache.exists():
+            cache = CachedActivations(local_cache_path(cfg, self.rd.activations_path))
+            if cache.exists():
+                self.log(f"reusing cached activations at {cache.path}")
+            else:
                 self.state.set_stage("activations", cycle=cycle)
                 cache.build(self._rows(), cfg.train.tokens_per_cycle, self.log)
             return CachedActivations.epochs(cache.load() / norm_factor, cfg.train.batch_size, seed)
@@ -64,9 +93,9 @@ class LocalBackend:
         return estimate_norm_factor(rows, self.cfg.sae.norm_batches)
 
     def train(
-        self, cycle: int, core: Tensor | None, core_ids: list[LatentId], norm_factor: float
+        self, cycle: int, core: Core | None, norm_factor: float
     ) -> tuple[MatryoshkaBatchTopKSAE, dict]:
-        sae = build_sae(self.cfg, self.d_in, cycle, core, core_ids)
+        sae = build_sae(self.cfg, self.d_in, cycle, core)
         batches = self._batches(cycle, norm_factor)
         self.state.set_stage("train", cycle=cycle, tokens_total=self.cfg.train.tokens_per_cycle)
         metrics = train_cycle(

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from dmsae_ray.config import ConfigError, RunConfig, check_layer
-from dmsae_ray.core import LatentId, core_vectors, jaccard, select_core, selection_counts
+from dmsae_ray.core import Core, jaccard, select_core, selection_counts
 from dmsae_ray.lm import num_layers_of
 from dmsae_ray.rundir import RunDir
 from dmsae_ray.sae import MatryoshkaBatchTopKSAE
@@ -37,7 +37,7 @@ class Backend(Protocol):
     def open_state(self) -> State: ...
     def norm_factor(self) -> float: ...
     def train(
-        self, cycle: int, core: Tensor | None, core_ids: list[LatentId], norm_factor: float
+        self, cycle: int, core: Core | None, norm_factor: float
     ) -> tuple[MatryoshkaBatchTopKSAE, dict]: ...
     def evaluate(self, sae: MatryoshkaBatchTopKSAE, norm_factor: float) -> dict: ...
     def attribute(self, sae: MatryoshkaBatchTopKSAE, norm_factor: float) -> Tensor: ...
@@ -48,12 +48,12 @@ def preflight(cfg: RunConfig) -> None:
     """Everything that can be checked before any work or any file is written."""
     check_layer(cfg, num_layers_of(cfg.model))
     if cfg.distill.init_core is not None:
-        vectors, _ = RunDir(cfg.distill.init_core).load_distilled_core()
+        core, _ = RunDir(cfg.distill.init_core).load_distilled_core()
         n_groups = len(cfg.sae.group_fractions)
-        if vectors.shape[1] + n_groups > cfg.sae.width:
+        if core.size + n_groups > cfg.sae.width:
             raise ConfigError(
                 f"invalid config:\n  sae.width: {cfg.sae.width} is too small for the "
-                f"{vectors.shape[1]}-latent core of distill.init_core plus {n_groups} groups"
+                f"{core.size}-latent core of distill.init_core plus {n_groups} groups"
             )
 
 
@@ -81,27 +81,30 @@ def norm_factor_of(cfg: RunConfig, backend: Backend, state: State) -> float:
     return float(nf)
 
 
-def previous_core(cfg: RunConfig, rd: RunDir, cycle: int) -> tuple[Tensor | None, list[LatentId]]:
+def previous_core(cfg: RunConfig, rd: RunDir, cycle: int) -> Core | None:
+    """What cycle ``cycle`` starts from: the last cycle's selection, or in cycle 0 the
+    ``distill.init_core`` run's distilled core; None when there is none (or it is empty)."""
     if cycle == 0:
         if cfg.distill.init_core is None:
-            return None, []
-        vectors, summary = RunDir(cfg.distill.init_core).load_distilled_core()
-        ids = [tuple(i) for i in summary["ids"]]
+            return None
+        core, _ = RunDir(cfg.distill.init_core).load_distilled_core()
     else:
-        vectors = rd.load_core_encoder(cycle - 1)
-        ids = [tuple(i) for i in rd.load_core(cycle - 1)["ids"]]
-    return (vectors if ids else None), ids
+        core = rd.load_cycle_core(cycle - 1)
+    return core if core.size else None
 
 
 def run_cycle(
     cfg: RunConfig, rd: RunDir, backend: Backend, state: State, cycle: int, log: Log
 ) -> dict:
     norm_factor = norm_factor_of(cfg, backend, state)
-    core, core_ids = previous_core(cfg, rd, cycle)
+    core = previous_core(cfg, rd, cycle)
+    core_ids = [] if core is None else core.ids
     log(f"[cycle {cycle}] training: core {len(core_ids)}, {cfg.train.tokens_per_cycle} tokens")
-    sae, train_metrics = backend.train(cycle, core, core_ids, norm_factor)
+    sae, train_metrics = backend.train(cycle, core, norm_factor)
     state.set_stage("evaluate", cycle=cycle)
     metrics = backend.evaluate(sae, norm_factor)
+    # Per-latent, so it goes with the selection in core.json, not into every state.json write.
+    density = metrics.pop("candidate_density", None)
     state.set_stage("attribute", cycle=cycle)
     pooled = backend.attribute(sae, norm_factor)
     sel = select_core(sae, pooled, cfg.distill.tau, cfg.distill.core_mode, cfg.distill.max_core)
@@ -129,9 +132,10 @@ def run_cycle(
             )
         ],
         "candidate_scores": sel.candidate_scores,
+        "densities": None if density is None else [density[i] for i in sel.indices],
     }
     rd.save_cycle(
-        cycle, sae, cfg, norm_factor, core_ids, core_out, core_vectors(sae, sel.indices), summary
+        cycle, sae, cfg, norm_factor, core_ids, core_out, Core.of(sae, sel.indices), summary
     )
     return summary
 
@@ -139,10 +143,13 @@ def run_cycle(
 def format_summary(s: dict) -> str:
     jac = "-" if s["jaccard"] is None else f"{s['jaccard']:.3f}"
     ev = s["eval"]
+    over = ev.get("l0_overflow", 0.0)
+    # A relu core firing past k takes L0 the budget cannot absorb: say so on the line itself.
+    overflow = f", over k by {over:.1f}!" if over > 0 else ""
     return (
         f"[cycle {s['cycle']}] core {s['core_in']} -> {s['core_size']} "
         f"(attribution {s['fraction']:.3f}), jaccard {jac}, L0 {ev['l0']:.1f} "
-        f"(core {ev['core_l0']:.1f}), FVE {ev['explained_variance']:.3f}, "
+        f"(core {ev['core_l0']:.1f}{overflow}), FVE {ev['fve']:.3f}, "
         f"CE recovered {ev['ce_loss_score']:.3f}"
     )
 
@@ -154,7 +161,7 @@ def finish(rd: RunDir, state: dict) -> None:
     counts = selection_counts(history)
     last = rd.load_core(n - 1)
     rd.save_distilled_core(
-        rd.load_core_encoder(n - 1),
+        rd.load_cycle_core(n - 1),
         {
             "ids": last["ids"],
             "scores": last["scores"],

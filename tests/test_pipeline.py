@@ -136,3 +136,31 @@ def test_core_wider_than_the_sae_is_rejected(tiny_dir, finished_run, tmp_path):
     with pytest.raises(ConfigError, match="sae.width"):
         pipeline.run(cfg)
     assert not (tmp_path / "w").exists()
+
+
+def test_runs_sharing_an_activation_cache_compute_it_once(tiny_dir, tmp_path):
+    cache = tmp_path / "acts"
+    data = {"activation_cache": str(cache)}
+    states, logs = [], []
+    for name, seed in (("a", 0), ("b", 1)):
+        lines: list[str] = []
+        cfg = tiny_config(tiny_dir, tmp_path / name, data=data, train={"seed": seed},
+                          distill={"cycles": 0})
+        states.append(pipeline.run(validate(cfg), log=lines.append))
+        logs.append(lines)
+    files = list(cache.glob("local-*/activations.safetensors"))
+    assert len(files) == 1 and not list(cache.rglob("*.tmp"))
+    assert not any("reusing cached activations" in line for line in logs[0])
+    assert any(f"reusing cached activations at {files[0]}" in line for line in logs[1])
+    assert all(s["status"] == "completed" for s in states)
+    # a different token budget is a different cache
+    cfg = tiny_config(tiny_dir, tmp_path / "c", data=data, train={"tokens_per_cycle": 2048},
+                      distill={"cycles": 0})
+    pipeline.run(validate(cfg), log=lambda _: None)
+    assert len(list(cache.glob("local-*/activations.safetensors"))) == 2
+
+
+def test_an_object_store_cache_is_refused_without_ray(tiny_dir, tmp_path):
+    cfg = tiny_config(tiny_dir, tmp_path / "run", data={"activation_cache": "s3://bucket/acts"})
+    with pytest.raises(ConfigError, match="must be a local directory"):
+        pipeline.run(validate(cfg), log=lambda _: None)

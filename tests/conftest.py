@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-# Ray on a 2-core CI machine (docs/architecture.md, "Ray on small machines"): no token auth, no state-actor polling,
-# one footer reader; set before any Ray process starts so every child inherits them.
+# Ray on a 2-core CI machine (docs/architecture.md, "Ray on small machines"): no token auth,
+# no state-actor polling, one footer reader; set before any Ray process starts so every child
+# inherits them.
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_ACTOR_RECONCILIATION", "0")
 os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "1")

@@ -14,6 +14,7 @@ import math
 import os
 import shutil
 import uuid
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -158,26 +159,62 @@ def cached_dataset(
     path: str,
     key: dict,
     log: Callable[[str], None],
+    retry: storage.Retry = storage.RETRY,
 ) -> ray.data.Dataset:
     """Write the activations once, then always read them back.
 
     Each writer puts its files in a fresh ``attempt`` directory and then writes ``COMMIT``
     naming it: object stores cannot rename a directory, and a half-written attempt (a killed
     driver) is never read. Two runs writing the same cache at once both commit complete, equal
-    data; the last commit wins.
+    data; the last commit wins. Every file and the commit are retried on transient store
+    errors (``retry``); a store that keeps failing ends in a ``storage.StorageError``.
     """
     marker = storage.join(path, COMMIT)
-    if storage.exists(fs, marker):
+    if storage.exists(fs, marker, retry):
         log(f"reusing cached activations at {path}")
     else:
         attempt = uuid.uuid4().hex[:12]
         log(f"caching activations -> {storage.join(path, attempt)}")
-        ds.write_parquet(storage.join(path, attempt), filesystem=fs)
-        storage.write_text(fs, marker, json.dumps({"attempt": attempt, "key": key}, indent=1))
-    committed = json.loads(storage.read_text(fs, marker))
+        write_parquet(ds, fs, storage.join(path, attempt), retry)
+        body = json.dumps({"attempt": attempt, "key": key}, indent=1)
+        storage.write_text(fs, marker, body, retry)
+    committed = json.loads(storage.read_text(fs, marker, retry))
     if committed.get("key", key) != key:
         raise ValueError(f"{path} caches other activations: {committed['key']} (expected {key})")
     # partitioning=None: a directory like runs/tau=0.5 is not a hive partition column
     return ray.data.read_parquet(
         storage.join(path, committed["attempt"]), filesystem=fs, partitioning=None
     )
+
+
+def write_parquet(
+    ds: ray.data.Dataset, fs: pafs.FileSystem, path: str, retry: storage.Retry
+) -> None:
+    """``ds.write_parquet`` where each file is retried whole (``storage.retrying``) on a store
+    other than the local disk.
+
+    Ray Data's own loop (each file up to 10 times, up to 32 s apart, on errors matching
+    ``DataContext.retried_io_errors``) is off for this write: around ours it would multiply the
+    attempts (a store that keeps failing would hold each file about four minutes, not eight
+    seconds)."""
+    if isinstance(fs, pafs.LocalFileSystem):
+        ds.write_parquet(path, filesystem=fs)
+        return
+    ctx = ray.data.DataContext.get_current()
+    saved = ctx.retried_io_errors
+    _set_retried_io_errors(ctx, [])  # read by the datasink built below, pickled into its tasks
+    try:
+        ds.write_parquet(path, filesystem=storage.retrying(fs, retry))
+    except Exception as err:
+        cause = getattr(err, "cause", None)  # a RayTaskError carries the worker's exception
+        if isinstance(cause, storage.StorageError):
+            raise storage.StorageError(f"caching activations failed: {cause}") from err
+        raise
+    finally:
+        _set_retried_io_errors(ctx, saved)
+
+
+def _set_retried_io_errors(ctx: ray.data.DataContext, patterns: list[str]) -> None:
+    with warnings.catch_warnings():  # "substring matching will be deprecated": none here
+        warnings.filterwarnings("ignore", "`retried_io_errors`", DeprecationWarning)
+        ctx.retried_io_errors = patterns

@@ -33,7 +33,8 @@ from api.models import (
     Ready,
     Status,
 )
-from api.security import BearerAuth, BodyLimitMiddleware
+from api.policy import Admission, Rejected
+from api.security import BearerAuth, BodyLimitMiddleware, HostCheckMiddleware
 from api.store import RunRecord, RunStore
 from api.sweeps import SweepNotFound, SweepRequest, Sweeps, iter_errors, sweeps_root
 from dmsae_ray import service, tuning
@@ -58,6 +59,14 @@ class Settings:
     poll_interval: float = 0.5  # seconds between state reads of an event stream
     keepalive: float = 15.0  # seconds between SSE comments when nothing changes
     job_env: dict[str, str] = field(default_factory=lambda: dict(service.STOP_ENV))
+    # Where a caller's model.name / data.dataset may point besides hub ids and built-in names,
+    # and where data.activation_cache may live (directories or URI prefixes): none by default.
+    model_roots: list[str] = field(default_factory=list)
+    data_roots: list[str] = field(default_factory=list)
+    cache_roots: list[str] = field(default_factory=list)
+    serve_tokens: bool = False  # serve a run's tokens/ (the tokenised corpus) as artifacts
+    # Host headers accepted besides localhost, 127.0.0.1 and [::1] when there is no token.
+    allowed_hosts: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.runs_root = Path(self.runs_root).expanduser().resolve()
@@ -82,8 +91,34 @@ def _error(code: int, detail: Any, headers: dict[str, str] | None = None) -> HTT
     return HTTPException(code, detail, headers=headers)
 
 
-def _invalid(loc: list[str], msg: str) -> RequestValidationError:
-    return RequestValidationError([{"type": "value_error", "loc": ["body", *loc], "msg": msg}])
+def _rejected(err: Rejected) -> RequestValidationError:
+    return RequestValidationError(
+        [{"type": "value_error", "loc": ["body", *loc], "msg": msg} for loc, msg in err.errors]
+    )
+
+
+# A run directory's tokenised corpus (the Ray backend's tokens/, and its temporary
+# tokens.tmp/): served only with `dmsae serve --serve-tokens`.
+TOKEN_DIRS = ("tokens", "tokens.tmp")
+
+
+def corpus_tokens(parts: tuple[str, ...] | list[str]) -> bool:
+    """``parts`` (relative to a run or sweep directory) lie in a run's tokens directory."""
+    parts = tuple(parts)
+    if parts[:1] and parts[0] in TOKEN_DIRS:
+        return True
+    return len(parts) > 2 and parts[0] == "trials" and parts[2] in TOKEN_DIRS
+
+
+def _refuse_tokens(settings: Settings, rel: str, target: Path, root: str | Path) -> None:
+    """403 for a file of a run's tokens/ (as requested, or where a symlink leads) unless the
+    operator serves them."""
+    if settings.serve_tokens:
+        return
+    requested = tuple(p for p in rel.split("/") if p not in ("", "."))
+    if corpus_tokens(requested) or corpus_tokens(target.relative_to(Path(root).resolve()).parts):
+        raise _error(403, "the corpus tokens (tokens/) are not served; the operator can allow "
+                     "it with dmsae serve --serve-tokens")
 
 
 class Runs:
@@ -98,6 +133,12 @@ class Runs:
             settings.ray_address, command=settings.command, env_vars=settings.job_env
         )
         self._submit = threading.Lock()  # serialises the cap check, idempotency and submission
+        # Held by every submission (runs and sweeps) and every delete: a run's distilled core
+        # cannot go while a request naming it as distill.init_core is admitted.
+        self.cores = threading.RLock()
+        self.admission = Admission.from_options(
+            settings.model_roots, settings.data_roots, settings.cache_roots, self.resolve_core
+        )
 
     # ------------------------------------------------------------------ reading
     def record(self, run_id: str) -> RunRecord:
@@ -192,28 +233,43 @@ class Runs:
             )
 
     # ------------------------------------------------------------------ writing
-    def _resolve_init_core(self, cfg: RunConfig) -> RunConfig:
+    def resolve_core(self, ref: str) -> str:
         """distill.init_core may only name a completed run of this service (by id or by its
-        run directory): the server does not read arbitrary directories for a client."""
-        ref = cfg.distill.init_core
-        if ref is None:
-            return cfg
+        run directory): the server does not read arbitrary directories for a client. Returns
+        the run directory; ``ValueError`` says why not."""
         run_id = Path(ref).name if "/" in ref else ref
         rec = self.store.get(run_id) if RUN_ID.match(run_id) else None
         if rec is None or ("/" in ref and Path(ref).resolve() != Path(rec.run_dir)):
-            raise _invalid(["distill", "init_core"], "must be the id of a run of this service")
+            raise ValueError("must be the id of a run of this service")
         if not (Path(rec.run_dir) / "core" / "encoder.safetensors").is_file():
-            raise _invalid(["distill", "init_core"], f"run {run_id} has no distilled core yet")
-        data = cfg.model_dump(mode="json")
-        data["distill"]["init_core"] = rec.run_dir
-        return RunConfig.model_validate(data)
+            raise ValueError(f"run {run_id} has no distilled core yet")
+        return rec.run_dir
+
+    def admit(self, cfg: RunConfig, sweep: Any = None) -> tuple[RunConfig, Any]:
+        """The one validation of distillations and sweeps (api/policy.py): 422 naming every
+        refused field."""
+        try:
+            return self.admission.check(cfg, sweep)
+        except Rejected as err:
+            raise _rejected(err) from None
+
+    def core_users(self, run_dir: str) -> list[str]:
+        """Runs of this service whose distill.init_core is ``run_dir``."""
+        return [
+            f"run {r.id}" for r in self.store.all()
+            if r.run_dir != run_dir and (r.config.get("distill") or {}).get("init_core") == run_dir
+        ]
 
     def create(
         self, cfg: RunConfig, key: str | None, submitter: str | None
     ) -> tuple[RunRecord, bool]:
-        if "run_dir" in cfg.model_fields_set:
-            raise _invalid(["run_dir"], "run_dir is chosen by the server; leave it out")
-        cfg = self._resolve_init_core(cfg)
+        with self.cores:
+            return self._create(cfg, key, submitter)
+
+    def _create(
+        self, cfg: RunConfig, key: str | None, submitter: str | None
+    ) -> tuple[RunRecord, bool]:
+        cfg, _ = self.admit(cfg)
         digest = service.config_digest(cfg)
         with self._submit:
             if key is not None:
@@ -287,10 +343,22 @@ class Runs:
             self.store.new_job(rec.id, job_id, service.PENDING)
         return self.view(self.record(rec.id))
 
-    def delete(self, rec: RunRecord) -> None:
-        view = self.view(rec)
-        if view["status"] not in service.TERMINAL:
-            raise _error(409, f"run {rec.id} is {view['status']}; stop it before deleting it")
+    def delete(self, rec: RunRecord, users: Callable[[str], list[str]] | None = None) -> None:
+        """``users(run_dir)``: everything else that names this run's core as its
+        distill.init_core (409 while there is any)."""
+        with self.cores:
+            view = self.view(rec)
+            if view["status"] not in service.TERMINAL:
+                raise _error(409, f"run {rec.id} is {view['status']}; stop it before deleting it")
+            using = (users or self.core_users)(rec.run_dir)
+            if using:
+                raise _error(
+                    409, f"run {rec.id}'s distilled core is the distill.init_core of "
+                    f"{', '.join(using)}; delete {'it' if len(using) == 1 else 'them'} first",
+                )
+            self._delete(rec)
+
+    def _delete(self, rec: RunRecord) -> None:
         for job_id in rec.job_ids:
             try:
                 self.jobs.delete(job_id)
@@ -323,6 +391,8 @@ def create_app(settings: Settings) -> FastAPI:
     )
     app.state.runs = runs
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    if settings.token is None:  # open on loopback: refuse other Host names (DNS rebinding)
+        app.add_middleware(HostCheckMiddleware, allowed=settings.allowed_hosts)
     app.add_exception_handler(RequestValidationError, _validation_handler)
     from fastapi.security import HTTPBearer
 
@@ -439,15 +509,21 @@ def create_app(settings: Settings) -> FastAPI:
     @v1.delete("/distillations/{run_id}", status_code=204, tags=["distillations"])
     def delete(run_id: str) -> None:
         """Delete a finished or stopped run: its record, Ray jobs and run directory (409 while
-        it is active)."""
-        runs.delete(runs.record(run_id))
+        it is active, or while another run or sweep uses its core as distill.init_core)."""
+        runs.delete(
+            runs.record(run_id),
+            lambda run_dir: runs.core_users(run_dir) + sweeps.core_users(run_dir),
+        )
 
     @v1.get("/distillations/{run_id}/artifacts", response_model=ArtifactList,
             tags=["artifacts"])
     def artifacts(run_id: str) -> dict:
-        """Every file of the run directory."""
+        """Every file of the run directory (its tokens/ only with --serve-tokens)."""
         rec = runs.record(run_id)
-        return {"items": service.list_artifacts(rec.run_dir)}
+        items = service.list_artifacts(rec.run_dir)
+        if not settings.serve_tokens:
+            items = [i for i in items if not corpus_tokens(i["path"].split("/"))]
+        return {"items": items}
 
     @v1.get("/distillations/{run_id}/artifacts/{path:path}", tags=["artifacts"],
             response_class=FileResponse)
@@ -461,6 +537,7 @@ def create_app(settings: Settings) -> FastAPI:
             raise _error(400, str(err)) from None
         except FileNotFoundError:
             raise _error(404, f"no artifact {path!r}") from None
+        _refuse_tokens(settings, path, target, rec.run_dir)
         media = {".json": "application/json", ".md": "text/markdown", ".png": "image/png"}
         return FileResponse(
             target,
@@ -470,7 +547,10 @@ def create_app(settings: Settings) -> FastAPI:
 
     # Sweeps (api/sweeps.py): one Ray job `dmsae sweep` per attempt; each sweep directory
     # holds its own record, so no table of the runs database is involved.
-    sweeps = Sweeps(sweeps_root(settings.runs_root), runs.jobs, settings.max_active_sweeps)
+    sweeps = Sweeps(
+        sweeps_root(settings.runs_root), runs.jobs, settings.max_active_sweeps,
+        admission=runs.admission, lock=runs.cores,
+    )
     app.state.sweeps = sweeps
 
     def _sweeps_call(fn: Any, *args: Any) -> Any:
@@ -478,6 +558,8 @@ def create_app(settings: Settings) -> FastAPI:
             return fn(*args)
         except SweepNotFound as err:
             raise _error(404, str(err)) from None
+        except Rejected as err:
+            raise _rejected(err) from None
         except tuning.SweepError as err:
             raise RequestValidationError(list(iter_errors(err))) from None
         except service.ArtifactPathError as err:
@@ -578,6 +660,7 @@ def create_app(settings: Settings) -> FastAPI:
         """A file of the sweep directory: summary.csv/.md/.json, plots/*.png, a trial's run
         directory files (trials/<name>/...). Same path rules as a run's artifacts."""
         target = _sweeps_call(sweeps.artifact, sweep_id, path)
+        _refuse_tokens(settings, path, target, sweeps.root / sweep_id)
         media = {".json": "application/json", ".md": "text/markdown", ".png": "image/png",
                  ".csv": "text/csv"}
         return FileResponse(target, media_type=media.get(target.suffix,

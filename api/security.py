@@ -1,4 +1,5 @@
-"""Bearer-token authentication, the request body cap and the loopback rule."""
+"""Bearer-token authentication, the request body cap, the loopback rule and the Host check
+of a server without a token."""
 
 from __future__ import annotations
 
@@ -54,6 +55,44 @@ class BearerAuth:
             )
         if not hmac.compare_digest(given.strip().encode(), self._token):
             raise HTTPException(status.HTTP_403_FORBIDDEN, "invalid token")
+
+
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")
+
+
+def host_name(value: str) -> str:
+    """The name part of a Host header or of an --allowed-host value, lowercase, without the
+    port and a trailing dot; IPv6 addresses in brackets (``[::1]``)."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        end = value.find("]")
+        return value[: end + 1] if end > 0 else value
+    if value.count(":") > 1:  # a bare IPv6 address, as an --allowed-host value
+        return f"[{value}]"
+    return value.partition(":")[0].rstrip(".")
+
+
+class HostCheckMiddleware:
+    """400 for a request whose Host header is not localhost, 127.0.0.1, [::1] or one of
+    ``allowed``. Installed when the server has no token: a loopback server without
+    authentication must not answer pages of another site whose name was rebound to
+    127.0.0.1 (DNS rebinding)."""
+
+    def __init__(self, app: ASGIApp, allowed: list[str] | tuple[str, ...] = ()) -> None:
+        self.app = app
+        self.allowed = frozenset(host_name(h) for h in (*LOOPBACK_HOSTS, *allowed))
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] in ("http", "websocket"):
+            hosts = [v for k, v in scope.get("headers", []) if k == b"host"]
+            name = host_name(hosts[0].decode("latin-1")) if len(hosts) == 1 else ""
+            if name not in self.allowed:
+                if scope["type"] == "http":
+                    await _reply(send, 400, "invalid Host header")
+                else:
+                    await send({"type": "websocket.close", "code": 1008})
+                return
+        await self.app(scope, receive, send)
 
 
 class _TooLarge(StarletteHTTPException):

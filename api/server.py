@@ -18,6 +18,11 @@ def serve(
     max_active_runs: int = 4,
     max_active_sweeps: int = 2,
     log_level: str = "info",
+    model_roots: list[str] | None = None,
+    data_roots: list[str] | None = None,
+    cache_roots: list[str] | None = None,
+    serve_tokens: bool = False,
+    allowed_hosts: list[str] | None = None,
 ) -> int:
     """Run the service until interrupted; returns the exit status (2: refused to start)."""
     try:
@@ -47,6 +52,11 @@ def serve(
             token=token,
             max_active_runs=max_active_runs,
             max_active_sweeps=max_active_sweeps,
+            model_roots=list(model_roots or []),
+            data_roots=list(data_roots or []),
+            cache_roots=list(cache_roots or []),
+            serve_tokens=serve_tokens,
+            allowed_hosts=list(allowed_hosts or []),
         )
     )
     # Open event streams must not hold a shutdown (or a restart) for long.

@@ -16,12 +16,14 @@ import shlex
 import shutil
 import threading
 import time
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
 from fastapi import HTTPException
 from pydantic import Field
 
+from api.policy import Admission
 from dmsae_ray import service
 from dmsae_ray.config import RunConfig
 from dmsae_ray.tuning import (
@@ -65,10 +67,18 @@ def request_digest(request: dict[str, Any]) -> str:
 
 
 class Sweeps:
-    def __init__(self, root: str | Path, jobs: service.RayJobs, max_active: int = 2) -> None:
+    def __init__(
+        self, root: str | Path, jobs: service.RayJobs, max_active: int = 2, *,
+        admission: Admission | None = None, lock: AbstractContextManager | None = None,
+    ) -> None:
+        """``admission``: the rules every request passes (api/policy.py, shared with
+        distillations); ``lock``: held while a sweep is admitted and submitted (the runs'
+        lock, so that a run's core is not deleted meanwhile)."""
         self.root = Path(root).expanduser().resolve()
         self.jobs = jobs
         self.max_active = max_active
+        self.admission = admission or Admission()
+        self._lock = lock or nullcontext()
         self._submit = threading.Lock()  # cap check, idempotency and submission as one step
 
     # ------------------------------------------------------------------ records
@@ -169,6 +179,19 @@ class Sweeps:
     def active_count(self) -> int:
         return sum(v["status"] in service.ACTIVE for v in self._views())
 
+    def core_users(self, run_dir: str) -> list[str]:
+        """Sweeps whose base config or one of whose trials has ``run_dir`` as its
+        distill.init_core."""
+        out = []
+        for sweep_id in self.ids():
+            plan = _read_json(self.root / sweep_id / SWEEP_FILE) or {}
+            cores = {((plan.get("base") or {}).get("distill") or {}).get("init_core")}
+            cores |= {(t.get("params") or {}).get("distill.init_core")
+                      for t in plan.get("trials", [])}
+            if run_dir in cores:
+                out.append(f"sweep {sweep_id}")
+        return out
+
     # ------------------------------------------------------------------ writing
     def _check_capacity(self) -> None:
         if self.active_count() >= self.max_active:
@@ -208,10 +231,17 @@ class Sweeps:
     def create(
         self, req: SweepRequest, key: str | None, submitter: str | None
     ) -> tuple[dict[str, Any], bool]:
-        """(view, created): a retry with the same Idempotency-Key returns the first sweep."""
-        if "run_dir" in req.model_fields_set:
-            raise SweepError([(("run_dir",), "chosen by the server; leave it out")])
-        base = RunConfig.model_validate(req.model_dump(mode="json", exclude={"sweep"}))
+        """(view, created): a retry with the same Idempotency-Key returns the first sweep.
+        Raises ``policy.Rejected`` for what the service's rules refuse (as for a
+        distillation), ``SweepError`` for an invalid sweep."""
+        with self._lock:
+            return self._create(req, key, submitter)
+
+    def _create(
+        self, req: SweepRequest, key: str | None, submitter: str | None
+    ) -> tuple[dict[str, Any], bool]:
+        base, sweep = self.admission.check(req, req.sweep)
+        assert sweep is not None
         digest = request_digest(req.model_dump(mode="json", exclude_defaults=True))
         with self._submit:
             if key is not None:
@@ -225,8 +255,10 @@ class Sweeps:
             while (self.root / sweep_id).exists():  # pragma: no cover
                 sweep_id = secrets.token_hex(6)
             sweep_dir = self.root / sweep_id
-            spec = req.sweep.model_copy(update={"name": req.sweep.name or sweep_id})
+            spec = sweep.model_copy(update={"name": sweep.name or sweep_id})
             plan = plan_sweep(base, spec, sweep_dir)  # SweepError before any file is written
+            # Planning makes relative local paths absolute: check what the trials will run.
+            self.admission.check_trials((t.name, t.config) for t in plan.trials)
             sweep_dir.mkdir(parents=True)
             request = base.model_dump(mode="json") | {"sweep": spec.model_dump(mode="json")}
             _write_json(sweep_dir / REQUEST_FILE, request)

@@ -149,7 +149,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return serve(
         host=args.host, port=args.port, ray_address=args.ray_address, runs_root=args.runs_root,
         token_file=args.token_file, max_active_runs=args.max_active_runs,
-        max_active_sweeps=args.max_active_sweeps,
+        max_active_sweeps=args.max_active_sweeps, model_roots=args.model_root,
+        data_roots=args.data_root, cache_roots=args.cache_root, serve_tokens=args.serve_tokens,
+        allowed_hosts=args.allowed_host,
     )
 
 
@@ -248,6 +250,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token-file", help="bearer token file (default: $DMSAE_API_TOKEN)")
     p.add_argument("--max-active-runs", type=int, default=4, help="429 beyond this")
     p.add_argument("--max-active-sweeps", type=int, default=2, help="429 beyond this")
+    p.add_argument("--model-root", action="append", default=[], metavar="DIR",
+                   help="model.name may be a path under DIR (repeatable; default: hub ids and "
+                   "built-in models only)")
+    p.add_argument("--data-root", action="append", default=[], metavar="DIR",
+                   help="data.dataset may be a path under DIR (repeatable)")
+    p.add_argument("--cache-root", action="append", default=[], metavar="DIR_OR_URI",
+                   help="data.activation_cache may be under this directory or URI prefix "
+                   "(repeatable; default: none)")
+    p.add_argument("--serve-tokens", action="store_true",
+                   help="serve runs' tokens/ (the tokenised corpus) as artifacts")
+    p.add_argument("--allowed-host", action="append", default=[], metavar="HOST",
+                   help="without a token: a Host header accepted besides localhost, "
+                   "127.0.0.1 and [::1] (repeatable)")
     p.set_defaults(fn=cmd_serve)
     from dmsae_ray.tuning import SWEEP_HELP, add_arguments
 

@@ -190,8 +190,15 @@ class RayJobs:
             raise RayUnavailable(f"Ray job server unreachable: {err}") from None
 
     def ping(self) -> str:
-        """The cluster's Ray version; raises ``RayUnavailable``."""
-        return str(self._call("get_version"))
+        """The cluster's Ray version (its ``ray.__version__``, e.g. ``2.60.0``, from the job
+        server's /api/version; not the job API's version); raises ``RayUnavailable``."""
+        r = self._call("_do_request", "GET", "/api/version")
+        if r.status_code != 200:
+            raise RayUnavailable(f"Ray job server answered /api/version with {r.status_code}")
+        try:
+            return str(r.json()["ray_version"])
+        except (ValueError, KeyError, TypeError):
+            raise RayUnavailable("Ray job server sent no ray_version") from None
 
     def invalidate(self, job_id: str | None = None) -> None:
         with self._lock:

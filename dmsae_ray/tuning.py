@@ -114,7 +114,7 @@ def _random_leaf(value: dict) -> bool:
 class SweepSpec(BaseModel):
     """The ``sweep:`` section of a config file (and of a ``POST /v1/sweeps`` body)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     name: str | None = Field(
         None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",

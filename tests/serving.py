@@ -65,11 +65,12 @@ class Server:
         self.proc: subprocess.Popen | None = None
         self.log = root / "serve.log"
 
-    def start(self, *, token_file: Path | None = None) -> None:
+    def start(self, *, token_file: Path | None = None, token: bool = True) -> None:
+        """``token``: False starts it without one (open, loopback only)."""
         env, args = _env(), []
-        if token_file is None:
+        if token_file is None and token:
             env["DMSAE_API_TOKEN"] = TOKEN
-        else:
+        elif token_file is not None:
             args = ["--token-file", str(token_file)]
         cmd = [
             sys.executable,

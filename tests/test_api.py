@@ -6,6 +6,8 @@ other in file order (run with -x)."""
 from __future__ import annotations
 
 import http.client
+import json
+import shutil
 import subprocess
 import sys
 import threading
@@ -37,9 +39,15 @@ def ray_cluster(ray_head, _ray_env) -> str:
     return ray_head["dashboard"]
 
 
+def roots(tiny_dir) -> list[str]:
+    """The tiny model and corpus are local paths: the operator allows their directory."""
+    root = str(tiny_dir["root"])
+    return ["--model-root", root, "--data-root", root]
+
+
 @pytest.fixture(scope="module")
-def server(ray_cluster, tmp_path_factory) -> Iterator[Server]:
-    srv = Server(ray_cluster, tmp_path_factory.mktemp("api"))
+def server(ray_cluster, tmp_path_factory, tiny_dir) -> Iterator[Server]:
+    srv = Server(ray_cluster, tmp_path_factory.mktemp("api"), *roots(tiny_dir))
     srv.start()
     try:
         yield srv
@@ -195,7 +203,11 @@ def test_without_ray_the_service_is_alive_but_not_ready(tmp_path, tiny_dir, monk
     monkeypatch.delenv("RAY_ADDRESS", raising=False)  # it would override ray_address
     monkeypatch.delenv("RAY_API_SERVER_ADDRESS", raising=False)
 
-    app = create_app(Settings(runs_root=tmp_path / "runs", ray_address="http://127.0.0.1:9"))
+    app = create_app(Settings(
+        runs_root=tmp_path / "runs", ray_address="http://127.0.0.1:9",
+        model_roots=[str(tiny_dir["root"])], data_roots=[str(tiny_dir["root"])],
+        allowed_hosts=["testserver"],  # TestClient's Host header
+    ))
     with TestClient(app) as client:  # no token configured: open (loopback only)
         assert client.get("/healthz").status_code == 200
         ready = client.get("/readyz")
@@ -205,6 +217,52 @@ def test_without_ray_the_service_is_alive_but_not_ready(tmp_path, tiny_dir, monk
         assert client.get("/v1/distillations").json()["total"] == 0
         assert not any((tmp_path / "runs").iterdir())
     assert (tmp_path / "runs.sqlite3").is_file()
+
+
+def test_admission_rules_without_a_server(tmp_path):
+    """api/policy.py alone: hub ids, built-in names, roots, cache prefixes."""
+    from api.policy import BUILTIN_DATASETS, BUILTIN_MODELS, Admission, Rejected
+    from dmsae_ray.config import EMBEDDED_CORPUS, EMBEDDED_MODEL, RunConfig
+    from dmsae_ray.gemma3_model import GEMMA3_CORPUS, GEMMA3_MODEL
+
+    # The names the model layer resolves itself, and no others.
+    assert BUILTIN_MODELS == {EMBEDDED_MODEL, GEMMA3_MODEL}
+    assert BUILTIN_DATASETS == {EMBEDDED_CORPUS, GEMMA3_CORPUS}
+    (tmp_path / "models" / "m").mkdir(parents=True)
+    (tmp_path / "models" / "out").symlink_to(tmp_path)
+    pol = Admission.from_options(
+        model_roots=[tmp_path / "models"], data_roots=[tmp_path / "data"],
+        cache_roots=[str(tmp_path / "cache"), "s3://bucket/acts?endpoint_override=minio:9000"],
+    )
+
+    def ok(key: str, value: str) -> bool:
+        return pol.check_value(key, value)[1] is None
+
+    for good in ("google/gemma-2-2b", "EleutherAI/pythia-70m", "stories15m", "gemma3-270m",
+                 str(tmp_path / "models" / "m"), str(tmp_path / "models") + "/x/y"):
+        assert ok("model.name", good), good
+    for bad in ("/etc", "../models/m", "~/m", ".x/y", "a/../b", "a/b/c", "gemma", "a/..",
+                "gemma3-corpus", str(tmp_path / "models" / "out" / "secret"),
+                str(tmp_path / "models") + "/../x", "a/b\n", "", "ab/c d"):
+        assert not ok("model.name", bad), bad
+    assert ok("data.dataset", "monology/pile-uncopyrighted") and ok("data.dataset", "stories15m")
+    assert ok("data.dataset", "gemma3-corpus") and not ok("data.dataset", "gemma3-270m")
+    assert ok("data.dataset", str(tmp_path / "data" / "c.jsonl"))
+    assert not ok("data.dataset", str(tmp_path / "models" / "m"))  # the model root only
+    for good in (str(tmp_path / "cache" / "a"), f"file://{tmp_path}/cache/a",
+                 "s3://bucket/acts/run1?endpoint_override=minio:9000"):
+        assert ok("data.activation_cache", good), good
+    for bad in (str(tmp_path / "other"), "s3://bucket/acts/run1", "s3://bucket/actsx",
+                "s3://other/acts/a?endpoint_override=minio:9000",
+                "s3://bucket/acts/../x?endpoint_override=minio:9000",
+                "s3://bucket/acts/a?endpoint_override=evil:9000", "cache/a",
+                f"file://evil{tmp_path}/cache/a"):
+        assert not ok("data.activation_cache", bad), bad
+    assert not ok("ray.address", "ray://head:10001") and ok("ray.address", None)
+    assert not ok("distill.init_core", "0123456789ab")  # no runs to name
+    with pytest.raises(Rejected) as err:
+        pol.check(RunConfig.model_validate({"model": {"name": "/etc"}, "run_dir": "/x"}))
+    assert [loc for loc, _ in err.value.errors] == [("model", "name"), ("run_dir",)]
 
 
 # --------------------------------------------------------------------------- with Ray
@@ -277,6 +335,109 @@ def test_invalid_requests(api, tiny_dir, server):
         assert api.get(path).status_code == 404, path
     assert api.get("/v1/distillations", params={"status": "bogus"}).status_code == 422
     assert api.get("/v1/distillations").json()["total"] == 0
+    assert not any((server.root / "runs").iterdir())
+
+
+def test_readyz_reports_the_clusters_ray_version(server):
+    import ray
+
+    ready = httpx.get(f"{server.url}/readyz", timeout=30)
+    assert ready.status_code == 200
+    assert ready.json()["ray_version"] == ray.__version__  # "2.x.y", not the job API's "4"
+
+
+def test_where_data_comes_from_and_number_limits(api, tiny_dir, server):
+    """model.name, data.dataset, data.activation_cache, ray.address, non-finite numbers and
+    sizes over the limits: 422 naming the field, for distillations and for sweeps alike."""
+    link = tiny_dir["root"] / "escape-link"
+    link.symlink_to(server.root)  # inside an allowed root, leading out of it
+    ok_model, ok_data = str(tiny_dir["model"]), str(tiny_dir["corpus"])
+
+    def fields(r: httpx.Response) -> list[str]:
+        assert r.status_code == 422, r.text
+        return [e["field"] for e in r.json()["detail"]]
+
+    def post(path: str, data: dict) -> httpx.Response:  # NaN and Infinity as JSON allows
+        return api.post(path, content=json.dumps(data),
+                        headers={"Content-Type": "application/json"})
+
+    try:
+        root = str(tiny_dir["root"])
+        for bad in ("/etc", "/etc/passwd", "../model", "~/model", ".hidden/model", "a/../b",
+                    f"{root}/../model", str(link / "runs"), str(server.root), "a/b/c", "gemma"):
+            assert fields(post("/v1/distillations", body(tiny_dir, model={"name": bad}))) == [
+                "model.name"], bad
+            assert fields(post("/v1/distillations", body(tiny_dir, data={"dataset": bad}))) == [
+                "data.dataset"], bad
+        msg = post("/v1/distillations", body(tiny_dir, model={"name": "/etc"})).json()["detail"]
+        assert "--model-root" in msg[0]["msg"] and root in msg[0]["msg"]
+        cache = {"cache_activations": True, "activation_cache": str(server.root / "cache")}
+        assert fields(post("/v1/distillations", body(tiny_dir, data=cache))) == [
+            "data.activation_cache"]
+        s3 = cache | {"activation_cache": "s3://bucket/x?endpoint_override=evil.example"}
+        s3_body = body(tiny_dir, data=s3, ray={"enabled": True})  # URIs need Ray
+        assert fields(post("/v1/distillations", s3_body)) == ["data.activation_cache"]
+        assert fields(post("/v1/distillations", body(tiny_dir, ray={"address": "ray://x:1"}))) \
+            == ["ray.address"]
+        for section, values, field in [
+            ("train", {"lr": float("inf")}, "train.lr"),
+            ("train", {"lr": float("nan")}, "train.lr"),
+            ("train", {"betas": [float("nan"), 0.999]}, "train.betas.0"),
+            ("distill", {"tau": float("-inf")}, "distill.tau"),
+            ("ray", {"cpus_per_worker": float("inf")}, "ray.cpus_per_worker"),
+            ("sae", {"width": 2**24 + 1}, "sae.width"),
+            ("train", {"tokens_per_cycle": 10**12 + 1}, "train.tokens_per_cycle"),
+            ("train", {"batch_size": 2**20 + 1}, "train.batch_size"),
+            ("ray", {"num_workers": 1025}, "ray.num_workers"),
+            ("data", {"context_length": 131_073}, "data.context_length"),
+            ("distill", {"cycles": 1001}, "distill.cycles"),
+        ]:
+            assert fields(post("/v1/distillations", body(tiny_dir, **{section: values}))) == [
+                field], field
+
+        # Sweeps: the same rules on the base config, and on every value a grid or a choice
+        # gives a guarded key.
+        def sweep(grid=None, random=None, **sections) -> dict:
+            spec = {"grid": grid or {"distill.tau": [0.5, 0.9]}} | (
+                {"random": random} if random else {})
+            return body(tiny_dir, **sections) | {"sweep": spec}
+
+        for sections, field in [
+            ({"model": {"name": "/etc"}}, "model.name"),
+            ({"data": {"dataset": "../x"}}, "data.dataset"),
+            ({"data": cache}, "data.activation_cache"),
+            ({"ray": {"address": "ray://x:1"}}, "ray.address"),
+            ({"distill": {"init_core": "/etc"}}, "distill.init_core"),
+            ({"distill": {"init_core": "0123456789ab"}}, "distill.init_core"),
+            ({"train": {"lr": float("inf")}}, "train.lr"),
+            ({"sae": {"width": 2**25}}, "sae.width"),
+        ]:
+            assert fields(post("/v1/sweeps", sweep(**sections))) == [field], field
+        for grid, field in [
+            ({"model.name": [ok_model, "/etc"]}, "sweep.grid.model.name"),
+            ({"data": {"dataset": [ok_data, str(link / "x.jsonl")]}}, "sweep.grid.data.dataset"),
+            ({"ray.address": ["ray://x:1"]}, "sweep.grid.ray.address"),
+            ({"distill.init_core": ["0123456789ab"]}, "sweep.grid.distill.init_core"),
+            ({"data.activation_cache": ["/tmp/c"]}, "sweep.grid.data.activation_cache"),
+            ({"train.lr": [1e-3, float("inf")]}, "sweep.grid.train.lr"),
+            ({"ray.num_workers": [1, 5000]}, "sweep.grid.ray.num_workers"),
+        ]:
+            r = post("/v1/sweeps", sweep(grid=grid))
+            assert fields(r) == [field], (field, r.text)
+        r = post("/v1/sweeps", sweep(grid={"model.name": [ok_model, "/etc"]}))
+        assert "'/etc' is invalid: model.name: must be" in r.json()["detail"][0]["msg"]
+        for random, field in [
+            ({"data.dataset": {"choice": [ok_data, "/etc/passwd"]}}, "sweep.random.data.dataset"),
+            ({"model.name": {"uniform": [0, 1]}}, "sweep.random.model.name"),
+            ({"train.lr": {"uniform": [0, float("inf")]}}, "sweep.random.train.lr"),
+        ]:
+            assert field in fields(post("/v1/sweeps", sweep(random=random))), field
+        spec = sweep() | {"sweep": {"grid": {"distill.tau": [0.5]}, "cpus_per_trial": float("inf")}}
+        assert fields(post("/v1/sweeps", spec)) == ["sweep.cpus_per_trial"]
+    finally:
+        link.unlink()
+    assert api.get("/v1/distillations").json()["total"] == 0
+    assert api.get("/v1/sweeps").json()["total"] == 0
     assert not any((server.root / "runs").iterdir())
 
 
@@ -468,6 +629,47 @@ def test_artifacts_download_and_confinement(api, runs, server):
     assert not {"escape.txt", "escape_dir/secret.txt", "cycles/.001.tmp/x.json"} & paths
 
 
+def test_corpus_tokens_are_served_only_when_the_operator_allows(
+    api, runs, server, ray_cluster, tiny_dir
+):
+    """A run's tokens/ (the Ray backend's tokenised corpus) is left out of the listing and
+    refused (403), also through a symlink, unless `dmsae serve --serve-tokens`."""
+    rid = runs["main"]
+    run_dir = server.root / "runs" / rid
+    (run_dir / "tokens").mkdir()
+    (run_dir / "tokens" / "blocks-00000.parquet").write_bytes(b"PAR1 tok-0042")
+    (run_dir / "tokens.tmp").mkdir()
+    (run_dir / "tokens.tmp" / "blocks-00000.parquet").write_bytes(b"PAR1 partial")
+    (run_dir / "blocks.parquet").symlink_to(run_dir / "tokens" / "blocks-00000.parquet")
+    base = f"/v1/distillations/{rid}/artifacts"
+    try:
+        paths = {i["path"] for i in api.get(base).json()["items"]}
+        assert "config.json" in paths
+        assert not {p for p in paths if p.startswith("tokens")}, paths
+        for path in ("tokens/blocks-00000.parquet", "tokens.tmp/blocks-00000.parquet",
+                     "./tokens//blocks-00000.parquet", "blocks.parquet"):
+            r = api.get(f"{base}/{path}")
+            assert r.status_code == 403 and "--serve-tokens" in r.text, (path, r.text)
+            assert b"tok-0042" not in r.content
+        assert api.get(f"{base}/config.json").status_code == 200
+
+        other = Server(ray_cluster, server.root, *roots(tiny_dir), "--serve-tokens")
+        other.start()
+        try:
+            with httpx.Client(base_url=other.url, timeout=60,
+                              headers={"Authorization": f"Bearer {TOKEN}"}) as client:
+                paths = {i["path"] for i in client.get(base).json()["items"]}
+                assert "tokens/blocks-00000.parquet" in paths
+                r = client.get(f"{base}/tokens/blocks-00000.parquet")
+                assert r.status_code == 200 and r.content == b"PAR1 tok-0042"
+        finally:
+            other.stop()
+    finally:
+        (run_dir / "blocks.parquet").unlink()
+        shutil.rmtree(run_dir / "tokens")
+        shutil.rmtree(run_dir / "tokens.tmp")
+
+
 def test_restarted_server_serves_earlier_runs(server, api, runs, tiny_dir, tmp_path):
     before = {i["id"]: i for i in api.get("/v1/distillations").json()["items"]}
     server.stop()
@@ -498,6 +700,70 @@ def test_restarted_server_serves_earlier_runs(server, api, runs, tiny_dir, tmp_p
     assert api.get(f"/v1/distillations/{runs['stop']}").status_code == 404
     assert not run_dir.exists()
     assert api.get("/v1/distillations").json()["total"] == 1
+
+
+def test_a_core_in_use_is_not_deleted(api, runs, tiny_dir, server):
+    """A run whose distilled core another run or a sweep names as distill.init_core (by id;
+    a sweep's grid values are checked and rewritten like a run's) cannot be deleted: 409
+    naming them, until they are gone."""
+    main = runs["main"]
+    main_dir = str(server.root / "runs" / main)
+    r = api.post("/v1/distillations", json=body(tiny_dir, distill={"cycles": 0,
+                                                                   "init_core": main}))
+    assert r.status_code == 201, r.text
+    dep = r.json()["id"]
+    assert r.json()["config"]["distill"]["init_core"] == main_dir
+    grid = {"distill.init_core": [main], "distill.tau": [0.9]}
+    r = api.post("/v1/sweeps", json=body(tiny_dir, distill={"cycles": 0}) | {"sweep": {
+        "grid": grid}})
+    assert r.status_code == 201, r.text
+    sid = r.json()["id"]
+    plan = api.get(f"/v1/sweeps/{sid}/artifacts/sweep.json").json()
+    assert [t["params"]["distill.init_core"] for t in plan["trials"]] == [main_dir]
+
+    r = api.delete(f"/v1/distillations/{main}")
+    assert r.status_code == 409, r.text
+    assert f"run {dep}" in r.json()["detail"] and f"sweep {sid}" in r.json()["detail"]
+    assert api.get(f"/v1/distillations/{main}").status_code == 200
+
+    assert api.post(f"/v1/sweeps/{sid}/stop").status_code in (200, 202)
+    assert api.post(f"/v1/distillations/{dep}/stop").status_code in (200, 202, 409)
+    wait_for(api, dep, lambda v: v["status"] in ("completed", "failed", "stopped"), timeout=120)
+    deadline = time.monotonic() + 120
+    while api.get(f"/v1/sweeps/{sid}").json()["status"] not in ("completed", "failed",
+                                                                 "stopped"):
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+    assert api.delete(f"/v1/sweeps/{sid}").status_code == 204
+    r = api.delete(f"/v1/distillations/{main}")
+    assert r.status_code == 409 and f"run {dep}" in r.json()["detail"]
+    assert f"sweep {sid}" not in r.json()["detail"]
+    assert api.delete(f"/v1/distillations/{dep}").status_code == 204
+    assert api.delete(f"/v1/distillations/{main}").status_code == 204
+    assert api.get("/v1/distillations").json()["total"] == 0
+
+
+def test_without_a_token_the_host_header_is_checked(ray_cluster, tmp_path, api):
+    """An open (loopback, no token) server answers only Host names of this machine and the
+    operator's --allowed-host values: a page of another site rebound to 127.0.0.1 gets 400."""
+    srv = Server(ray_cluster, tmp_path, "--allowed-host", "dmsae.internal")
+    srv.start(token=False)
+    try:
+        port = srv.port
+        with httpx.Client(base_url=srv.url, timeout=30) as client:
+            for host in ("localhost", f"localhost:{port}", f"127.0.0.1:{port}",
+                         f"[::1]:{port}", "dmsae.internal", f"DMSAE.internal:{port}"):
+                r = client.get("/v1/distillations", headers={"Host": host})
+                assert r.status_code == 200, (host, r.text)
+            for host in ("evil.example", f"evil.example:{port}", "localhost.evil.example",
+                         "127.0.0.2", "127.0.0.1.nip.io", f"[::2]:{port}", ""):
+                for path in ("/v1/distillations", "/healthz", "/docs"):
+                    r = client.get(path, headers={"Host": host})
+                    assert r.status_code == 400, (host, path, r.text)
+    finally:
+        srv.stop()
+    # With a token the token decides, whatever the Host.
+    assert api.get("/v1/distillations", headers={"Host": "evil.example"}).status_code == 200
 
 
 def test_no_token_means_loopback_only(tmp_path):

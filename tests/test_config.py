@@ -33,6 +33,20 @@ def test_defaults_are_the_paper_reference_run():
         ({"sae": {"group_fractions": [0.5, 0.4]}}, "sae.group_fractions"),
         ({"attribution": {"mode": "ig"}}, "attribution.mode"),
         ({"modle": {}}, "modle"),
+        # Non-finite numbers and sizes over the documented limits.
+        ({"train": {"lr": float("inf")}}, "train.lr"),
+        ({"train": {"betas": [float("nan"), 0.999]}}, "train.betas"),
+        ({"train": {"betas": [0.9, 1.0]}}, "train.betas"),
+        ({"sae": {"aux_alpha": float("nan")}}, "sae.aux_alpha"),
+        ({"sae": {"group_fractions": [0.5, float("nan")]}}, "sae.group_fractions"),
+        ({"ray": {"resource_wait_s": float("inf")}}, "ray.resource_wait_s"),
+        ({"sae": {"width": 2**24 + 1}}, "sae.width"),
+        ({"train": {"tokens_per_cycle": 10**12 + 1}}, "train.tokens_per_cycle"),
+        ({"train": {"batch_size": 2**20 + 1}}, "train.batch_size"),
+        ({"data": {"context_length": 131_073}}, "data.context_length"),
+        ({"data": {"llm_batch_size": 65_537}}, "data.llm_batch_size"),
+        ({"ray": {"num_workers": 1025}}, "ray.num_workers"),
+        ({"distill": {"cycles": 1001}}, "distill.cycles"),
     ],
 )
 def test_bad_values_name_the_field(data, field):
@@ -67,3 +81,11 @@ def test_embedded_default_is_small():
     cfg = embedded_default()
     assert cfg.model.name == "stories15m" and cfg.distill.cycles >= 3
     assert load_config(None, ["distill.cycles=5"]).distill.cycles == 5
+
+
+def test_limits_keep_the_paper_run_and_allow_their_maximum():
+    cfg = validate({"sae": {"width": 2**24, "k": 2**24 - 1}, "distill": {"cycles": 1000},
+                    "train": {"tokens_per_cycle": 10**12, "batch_size": 2**20},
+                    "data": {"context_length": 131_072}, "ray": {"num_workers": 1024}})
+    assert cfg.sae.width == 2**24 and cfg.train.tokens_per_cycle == 10**12
+    assert RunConfig().sae.width == 65_536 and RunConfig().train.tokens_per_cycle == 500_000_000

@@ -290,7 +290,9 @@ def test_rest_sweeps_under_uvicorn(ray_head, tiny_dir, tmp_path):
     read the summary and artefacts, delete: the real app under uvicorn, sweeps as Ray jobs."""
     import httpx
 
-    server = Server(ray_head["dashboard"], tmp_path, "--max-active-sweeps", "1")
+    root = str(tiny_dir["root"])  # the tiny model and corpus are local: allow their directory
+    server = Server(ray_head["dashboard"], tmp_path, "--max-active-sweeps", "1",
+                    "--model-root", root, "--data-root", root)
     server.start()
     try:
         with httpx.Client(

@@ -33,7 +33,8 @@ class MissingInputError(FileNotFoundError, ConfigError):
 
 class _Strict(BaseModel):
     # A typo in a key must fail loudly instead of silently running the default.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # NaN and +-Infinity are refused in every float field (a JSON body may carry them).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelConfig(_Strict):
@@ -41,7 +42,8 @@ class ModelConfig(_Strict):
         "google/gemma-2-2b",
         description="HF hub id, local model directory, or 'stories15m' (embedded default)",
     )
-    layer: int = Field(12, ge=0, description="hook the output of decoder layer L")
+    layer: int = Field(12, ge=0, le=4096, description="hook the output of decoder layer L "
+                       "(<= 4096; checked against the model's depth before any work)")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="LM dtype; auto = bfloat16 on GPU, float32 on CPU"
     )
@@ -58,12 +60,15 @@ class DataConfig(_Strict):
     )
     split: str = "train"
     text_field: str = "text"
-    context_length: int = Field(1024, ge=8)
+    context_length: int = Field(1024, ge=8, le=131_072, description="tokens per block, <= 131072")
     attribution_sequences: int = Field(
-        256, ge=1, description="held-out blocks scored every cycle (2^18 tokens at 1024)"
+        256, ge=1, le=2**20,
+        description="held-out blocks scored every cycle (2^18 tokens at 1024), <= 2^20",
     )
-    eval_sequences: int = Field(32, ge=1, description="held-out blocks for metrics")
-    llm_batch_size: int = Field(32, ge=1, description="sequences per LM forward")
+    eval_sequences: int = Field(32, ge=1, le=2**20, description="held-out blocks for metrics, "
+                                "<= 2^20")
+    llm_batch_size: int = Field(32, ge=1, le=65_536, description="sequences per LM forward, "
+                                "<= 65536")
     cache_activations: bool = Field(
         False, description="store training activations once and reuse them every cycle"
     )
@@ -88,9 +93,14 @@ class DataConfig(_Strict):
 
 
 class SAEConfig(_Strict):
-    width: int = Field(65_536, ge=2, description="total dictionary width K, core included")
-    k: int = Field(320, gt=0, description="target average L0 (BatchTopK k)")
-    group_fractions: list[float] = Field(default_factory=lambda: list(DEFAULT_GROUP_FRACTIONS))
+    width: int = Field(
+        65_536, ge=2, le=2**24, description="total dictionary width K, core included, <= 2^24"
+    )
+    k: int = Field(320, gt=0, le=2**24, description="target average L0 (BatchTopK k), < width")
+    group_fractions: list[float] = Field(
+        default_factory=lambda: list(DEFAULT_GROUP_FRACTIONS), min_length=1, max_length=1024,
+        description="Matryoshka group sizes as fractions summing to 1 (at most 1024 groups)",
+    )
     group_mode: Literal["fractions", "absolute"] = Field(
         "fractions",
         description="fractions: split K-c; absolute: fixed boundaries, the core eats into G_0",
@@ -114,11 +124,15 @@ class SAEConfig(_Strict):
     core_decoder_init: Literal["random", "tied"] = "random"
     bias_level: bool = Field(False, description="add a b_dec(+core)-only nested level")
     aux_alpha: float = Field(1 / 32, ge=0)
-    dead_tokens: int = Field(10_000_000, gt=0, description="dead after this many tokens unfired")
+    dead_tokens: int = Field(
+        10_000_000, gt=0, le=10**12, description="dead after this many tokens unfired, <= 10^12"
+    )
     threshold_beta: float = Field(0.999, ge=0, lt=1)
-    threshold_start_step: int = Field(1000, ge=0)
+    threshold_start_step: int = Field(1000, ge=0, le=10**9, description="<= 10^9")
     normalize_activations: bool = True
-    norm_batches: int = Field(100, ge=1, description="batches used to estimate norm_factor")
+    norm_batches: int = Field(
+        100, ge=1, le=100_000, description="batches used to estimate norm_factor, <= 100000"
+    )
 
     @model_validator(mode="after")
     def _groups(self) -> SAEConfig:
@@ -133,20 +147,25 @@ class SAEConfig(_Strict):
 
 
 class TrainConfig(_Strict):
-    tokens_per_cycle: int = Field(500_000_000, gt=0)
-    batch_size: int = Field(2048, gt=0, description="SAE batch in tokens")
-    lr: float = Field(3e-4, gt=0)
-    betas: tuple[float, float] = (0.9, 0.999)
-    warmup_steps: int = Field(1000, ge=0)
+    tokens_per_cycle: int = Field(
+        500_000_000, gt=0, le=10**12, description="training tokens per cycle, <= 10^12"
+    )
+    batch_size: int = Field(2048, gt=0, le=2**20, description="SAE batch in tokens, <= 2^20")
+    lr: float = Field(3e-4, gt=0, description="finite, > 0")
+    betas: tuple[float, float] = Field(
+        (0.9, 0.999), description="Adam betas, each finite and in [0, 1)"
+    )
+    warmup_steps: int = Field(1000, ge=0, le=10**9, description="<= 10^9")
     decay_start: float = Field(0.8, gt=0, le=1, description="linear decay from this fraction")
     grad_clip: float = Field(1.0, gt=0)
-    seed: int = 0
-    log_every: int = Field(50, gt=0, description="steps between progress lines")
+    seed: int = Field(0, ge=-(2**62), le=2**62, description="|seed| <= 2^62")
+    log_every: int = Field(50, gt=0, le=10**9, description="steps between progress lines")
     epoch_cache_mb: int = Field(
-        1024, ge=0, description="a worker keeps its activations in memory when they fit"
+        1024, ge=0, le=2**24,
+        description="a worker keeps its activations in memory when they fit (<= 2^24 MB)",
     )
     checkpoint_every: int = Field(
-        1000, gt=0, description="steps between checkpoints (a multiple of log_every)"
+        1000, gt=0, le=10**9, description="steps between checkpoints (a multiple of log_every)"
     )
     fast_path: bool = Field(
         True,
@@ -154,6 +173,12 @@ class TrainConfig(_Strict):
         "reference (same results, slower; for debugging)",
     )
 
+
+    @model_validator(mode="after")
+    def _betas(self) -> TrainConfig:
+        if not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"train.betas must each be in [0, 1) (got {list(self.betas)})")
+        return self
 
     @model_validator(mode="after")
     def _checkpoints(self) -> TrainConfig:
@@ -169,14 +194,18 @@ class AttributionConfig(_Strict):
     pooling: Literal["quantile", "mean"] = "quantile"
     quantile: float = Field(0.99, gt=0, le=1)
     sign: Literal["abs", "helpful_only"] = "abs"
-    batch_size: int = Field(4, gt=0, description="sequences per forward+backward")
+    batch_size: int = Field(
+        4, gt=0, le=65_536, description="sequences per forward+backward, <= 65536"
+    )
 
 
 class DistillConfig(_Strict):
     tau: float = Field(0.9, gt=0, le=1, description="fraction of total attribution to explain")
-    cycles: int = Field(7, ge=0, description="distillation cycles after cycle 0")
+    cycles: int = Field(7, ge=0, le=1000, description="distillation cycles after cycle 0, <= 1000")
     core_mode: Literal["reselect", "accumulate"] = "reselect"
-    max_core: int | None = Field(None, gt=0, description="optional cap on the core size")
+    max_core: int | None = Field(
+        None, gt=0, le=2**24, description="optional cap on the core size (< sae.width)"
+    )
     init_core: str | None = Field(
         None, description="run directory whose distilled core seeds cycle 0 (frozen)"
     )
@@ -184,14 +213,20 @@ class DistillConfig(_Strict):
 
 class RayConfig(_Strict):
     enabled: bool = Field(True, description="false: every stage in this process, no Ray")
-    address: str | None = Field(None, description="None: $RAY_ADDRESS or a local cluster")
-    num_workers: int = Field(1, ge=0, description="Ray Train workers (0 = in the driver)")
+    address: str | None = Field(
+        None, description="None: $RAY_ADDRESS or a local cluster (the REST service refuses it: "
+        "the operator's --ray-address)"
+    )
+    num_workers: int = Field(
+        1, ge=0, le=1024, description="Ray Train workers (0 = in the driver), <= 1024"
+    )
     use_gpu: bool = False
-    cpus_per_worker: float = Field(1.0, gt=0)
-    activation_actors: int = Field(1, ge=1)
-    max_failures: int = Field(2, ge=0)
+    cpus_per_worker: float = Field(1.0, gt=0, le=1024, description="<= 1024")
+    activation_actors: int = Field(1, ge=1, le=1024, description="<= 1024")
+    max_failures: int = Field(2, ge=0, le=100, description="<= 100")
     resource_wait_s: float = Field(
-        300, ge=0, description="time an autoscaling cluster gets to provide missing workers"
+        300, ge=0, le=86_400,
+        description="time an autoscaling cluster gets to provide missing workers (<= 1 day)",
     )
 
 
@@ -247,7 +282,10 @@ def embedded_default() -> RunConfig:
             },
             "sae": {
                 "width": 2048,
-                "k": 32,
+                # Calibrated (docs/calibration.md): k 64, a batchtopk core and lr 3e-3 reach
+                # FVE >= 0.8 every cycle with core L0 ~5-7; a relu core fired past k.
+                "k": 64,
+                "core_activation": "batchtopk",
                 "dead_tokens": 100_000,
                 "threshold_start_step": 20,
                 # 0.999 averages over ~1000 steps; a 128-step cycle needs a shorter memory.
@@ -255,12 +293,12 @@ def embedded_default() -> RunConfig:
                 "norm_batches": 10,
             },
             "train": {
-                "tokens_per_cycle": 131_072,
+                "tokens_per_cycle": 262_144,
                 "batch_size": 1024,
-                "lr": 1e-3,
+                "lr": 3e-3,
                 "warmup_steps": 10,
-                "log_every": 32,
-                "checkpoint_every": 64,
+                "log_every": 64,
+                "checkpoint_every": 128,
             },
             "attribution": {"batch_size": 8},
             "distill": {"cycles": 3},

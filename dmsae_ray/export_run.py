@@ -121,7 +121,9 @@ def export_run(
         folder = out / sid if nested else out
         write_saelens(folder, sae, cfg, c, core_ids_of(sae), norm_factor)
         metrics_path = rd.cycle_dir(c) / "sae" / "metrics.json"
-        metrics = read_json(metrics_path) if metrics_path.is_file() else {}
+        saved = read_json(metrics_path) if metrics_path.is_file() else {}
+        # metrics.json is the cycle summary; its SAEBench metrics sit under "eval".
+        metrics = saved.get("eval", saved)
         if densities is not None:
             metrics, density = densities(sae)  # fresh, with the current metric set
             write_sparsity(folder, density)

@@ -126,3 +126,14 @@ def test_export_without_sparsity_needs_no_lm_and_rejects_bad_cycles(core_run, tm
     assert (tmp_path / "c0" / "cfg.json").is_file()
     assert cli.main(["export", str(core_run), "--cycle", "9", "--out", str(tmp_path / "x")]) == 2
     assert "cycles 0..2" in capsys.readouterr().err
+
+
+def test_export_without_sparsity_carries_the_cycles_saved_metrics(core_run, tmp_path):
+    out = tmp_path / "nosparsity"
+    export_run(core_run, out, cycle="final", sparsity=False)
+    details = json.loads((out / "cfg.json").read_text())["metadata"][
+        "training_architecture_details"
+    ]
+    saved = RunDir(core_run).load_state()["cycles"][-1]["eval"]
+    assert details["eval"]["l0"] == saved["l0"] and details["eval"]["fve"] == saved["fve"]
+    assert not (out / "sparsity.safetensors").exists()

@@ -43,7 +43,7 @@ def test_report_renders_every_plot_with_a_transfer_table(core_run, tmp_path):
     plots = {k: v for k, v in files.items() if k != "summary"}
     assert set(plots) == {
         "core_size", "jaccard", "core_origins", "core_composition", "cycle_metrics",
-        "feature_density", "transfer_metrics",
+        "feature_density", "transfer_metrics", "core_density",
     }
     for path in plots.values():
         assert path.is_file() and path.stat().st_size > 1000

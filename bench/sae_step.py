@@ -49,6 +49,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import MemoryPeak, fmt_table, median, print_header, run_worker  # noqa: E402
+from gpu_check_results import finite  # noqa: E402  (one NaN-to-null rule for both files)
 
 FRACS = [1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2 + 1 / 32]  # the config default (ALGORITHM.md 4.1)
 IMPLS = ("fast", "eager", "saelens")
@@ -306,17 +307,6 @@ def main() -> None:
             args.json.write_text(json.dumps(finite(results), indent=1))
     print()
     print(table(results, impls, args.tflops or bool(args.peak_tflops)))
-
-
-def finite(value: object) -> object:
-    """NaN (a failed run) as null: strict JSON has no NaN."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: finite(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [finite(v) for v in value]
-    return value
 
 
 def print_row(row: dict, impls: list[str]) -> None:

@@ -8,7 +8,6 @@ in the run directory or under ``data.activation_cache`` (a directory or s3:// / 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -27,7 +26,7 @@ import torch
 from torch import Tensor
 
 from dmsae_ray import storage
-from dmsae_ray.buffer import block_activations_at
+from dmsae_ray.buffer import block_activations_at, cache_digest
 from dmsae_ray.config import ModelConfig, RunConfig
 from dmsae_ray.lm import load_lm
 
@@ -77,10 +76,6 @@ def write_token_blocks(
 def has_block_index(tokens_dir: Path) -> bool:
     files = sorted(Path(tokens_dir).glob("*.parquet"))
     return bool(files) and "block" in pq.read_schema(files[0]).names
-
-
-def blocks_needed(cfg: RunConfig) -> int:
-    return math.ceil(cfg.train.tokens_per_cycle / (cfg.data.context_length - 1))
 
 
 def stack_ids(column: np.ndarray) -> np.ndarray:
@@ -136,12 +131,6 @@ def activation_dataset(
     )
 
 
-def cache_key(cfg: RunConfig) -> dict:
-    """Everything the cached activations depend on: runs that agree on it share a cache."""
-    data = cfg.data.model_dump(mode="json", exclude={"cache_activations", "activation_cache"})
-    return {"model": cfg.model.model_dump(mode="json"), "data": data, "blocks": blocks_needed(cfg)}
-
-
 def cache_location(cfg: RunConfig, run_root: Path) -> tuple[pafs.FileSystem, str]:
     """``run_dir/activations_parquet`` by default; under ``data.activation_cache`` (a directory
     or URI) a subdirectory named by the digest of ``cache_key``, so that runs of one model,
@@ -149,8 +138,7 @@ def cache_location(cfg: RunConfig, run_root: Path) -> tuple[pafs.FileSystem, str
     if cfg.data.activation_cache is None:
         return storage.resolve(str(run_root / "activations_parquet"))
     fs, base = storage.resolve(cfg.data.activation_cache)
-    digest = hashlib.sha256(json.dumps(cache_key(cfg), sort_keys=True).encode()).hexdigest()
-    return fs, storage.join(base, digest[:16])
+    return fs, storage.join(base, cache_digest(cfg))
 
 
 def cached_dataset(

@@ -6,6 +6,9 @@ Plain PyTorch: the in-process path iterates it directly and the Ray Data actors 
 
 from __future__ import annotations
 
+import hashlib
+import json
+import math
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -15,8 +18,24 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from dmsae_ray.config import RunConfig
 from dmsae_ray.data import valid_mask
 from dmsae_ray.lm import layer_activations
+
+
+def blocks_needed(cfg: RunConfig) -> int:
+    return math.ceil(cfg.train.tokens_per_cycle / (cfg.data.context_length - 1))
+
+
+def cache_key(cfg: RunConfig) -> dict:
+    """Everything the cached activations depend on: runs that agree on it share a cache."""
+    data = cfg.data.model_dump(mode="json", exclude={"cache_activations", "activation_cache"})
+    return {"model": cfg.model.model_dump(mode="json"), "data": data, "blocks": blocks_needed(cfg)}
+
+
+def cache_digest(cfg: RunConfig) -> str:
+    """The name of a shared cache's subdirectory (both backends)."""
+    return hashlib.sha256(json.dumps(cache_key(cfg), sort_keys=True).encode()).hexdigest()[:16]
 
 
 @torch.no_grad()

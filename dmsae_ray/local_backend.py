@@ -5,47 +5,38 @@ The Ray backend (``ray_backend.py``) runs the same algorithm functions on a clus
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from torch import Tensor
 
 from dmsae_ray.attribution import attribute
-from dmsae_ray.buffer import CachedActivations, iter_activations, shuffled_batches
-from dmsae_ray.config import ConfigError, RunConfig
+from dmsae_ray.buffer import (
+    CachedActivations,
+    cache_digest,
+    iter_activations,
+    shuffled_batches,
+)
+from dmsae_ray.config import RunConfig
 from dmsae_ray.core import Core, build_sae
 from dmsae_ray.data import load_token_data
 from dmsae_ray.evaluate import evaluate_sae
 from dmsae_ray.lm import load_lm, load_tokenizer
 from dmsae_ray.rundir import RunDir, RunState
 from dmsae_ray.sae import MatryoshkaBatchTopKSAE
-from dmsae_ray.storage import is_uri
 from dmsae_ray.trainer import estimate_norm_factor, repeat_batches, train_cycle
 
 
 def local_cache_path(cfg: RunConfig, default: Path) -> Path:
     """Where this process keeps its activation cache: ``default`` (in the run directory), or,
-    with ``data.activation_cache`` set to a local directory, a file named by a digest of
-    everything the activations depend on, so the runs of a study or sweep that share a model,
-    layer, corpus and token budget compute them once."""
+    with ``data.activation_cache`` set (a local directory: config validation refuses object
+    stores without Ray), the subdirectory both backends name by ``cache_digest``, so the runs
+    of a study or sweep that share a model, layer, corpus and token budget compute it once."""
     where = cfg.data.activation_cache
     if where is None:
         return default
-    if is_uri(where) and not where.startswith("file://"):
-        raise ConfigError(
-            f"data.activation_cache: {where!r} is an object-store URI; with ray.enabled: false "
-            "the cache must be a local directory (the Ray backend writes object stores)"
-        )
-    key = {
-        "model": cfg.model.model_dump(mode="json"),
-        "data": cfg.data.model_dump(mode="json", exclude={"cache_activations", "activation_cache"}),
-        "tokens": cfg.train.tokens_per_cycle,
-    }
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     base = Path(where.removeprefix("file://")).expanduser()
-    return base / f"local-{digest}" / "activations.safetensors"
+    return base / f"local-{cache_digest(cfg)}" / "activations.safetensors"
 
 
 class LocalBackend:

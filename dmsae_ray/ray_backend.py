@@ -15,13 +15,12 @@ from torch import Tensor
 
 from dmsae_ray.activations import (
     activation_dataset,
-    blocks_needed,
-    cache_key,
     cache_location,
     cached_dataset,
     has_block_index,
     write_token_blocks,
 )
+from dmsae_ray.buffer import blocks_needed, cache_key
 from dmsae_ray.config import RunConfig
 from dmsae_ray.coordinator import CoordinatorState, coordinator_name, get_coordinator
 from dmsae_ray.core import Core

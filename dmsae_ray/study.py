@@ -15,6 +15,7 @@ done, so rerunning the same command after an interruption continues where it sto
 from __future__ import annotations
 
 import json
+import os
 import platform
 import sys
 import time
@@ -80,15 +81,10 @@ def run_study(
         "seeds": seeds,
         "dmsae_ray": __version__,
         "python": platform.python_version(),
-        "machine": f"{platform.machine()}, {_cpus()} CPUs",
+        "machine": f"{platform.machine()}, {len(os.sched_getaffinity(0))} CPUs",
         "seconds_this_invocation": round(time.time() - started, 1),
     }
     (out / "study.json").write_text(json.dumps(record, indent=2) + "\n")
     log(f"[study] report: {files['summary']}")
     return files
 
-
-def _cpus() -> int:
-    import os
-
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 0

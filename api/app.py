@@ -133,6 +133,10 @@ class Runs:
             settings.ray_address, command=settings.command, env_vars=settings.job_env
         )
         self._submit = threading.Lock()  # serialises the cap check, idempotency and submission
+        # Runs whose job is being submitted: between the record and Ray's answer the job is
+        # unknown to the cluster, which must read as "pending", never as a final "failed" (a
+        # DELETE would then remove the directory of a run whose job starts a moment later).
+        self._submitting: set[str] = set()
         # Held by every submission (runs and sweeps) and every delete: a run's distilled core
         # cannot go while a request naming it as distill.init_core is admitted.
         self.cores = threading.RLock()
@@ -154,8 +158,11 @@ class Runs:
         """The run as the API shows it: record + state.json + Ray job, status combined.
         ``jobs``: every job of the cluster, when the caller fetched them in one call."""
         state = service.read_state(rec.run_dir) or {}
+        driver = service.driver_liveness(rec.run_dir, state)
         job, reachable = None, not ray_down
-        if rec.status_final:  # finished: Ray cannot change it, ask only for the job details
+        if rec.id in self._submitting:  # its job is on its way to Ray (create or resume)
+            status, error = service.PENDING, None
+        elif rec.status_final:  # finished: Ray cannot change it, ask only for the job details
             status, error = rec.status, rec.error
             if detail and reachable and rec.ray_job_id:
                 try:
@@ -176,10 +183,11 @@ class Runs:
                 ray_reachable=reachable,
                 stop_requested=rec.stop_requested is not None,
                 state_time=service.state_mtime(rec.run_dir),
+                driver=driver,
             )
             final = status in service.TERMINAL and reachable
             if (status, final, error) != (rec.status, rec.status_final, rec.error):
-                self.store.set_status(rec.id, status, final, error)
+                self.store.set_status(rec.id, status, final, error, rec.ray_job_id)
         cycles = state.get("cycles", [])
         cfg = rec.config
         return {
@@ -198,6 +206,10 @@ class Runs:
             "cycles": cycles,
             "ray_job": job.as_dict() if job else None,
             "ray_reachable": reachable,
+            # state.json says running: is its driver alive (heartbeat, dmsae_ray/heartbeat.py)?
+            "driver": None if driver is None else {
+                "alive": driver.alive, "reason": driver.reason, "heartbeat_age_s": driver.age_s,
+            },
             "job_ids": rec.job_ids,
             "idempotency_key": rec.idempotency_key,
             "config": cfg,
@@ -287,16 +299,20 @@ class Runs:
             run_dir = self.settings.runs_root / run_id
             job_id = f"dmsae-{run_id}-1"
             cfg = RunConfig.model_validate(cfg.model_dump(mode="json") | {"run_dir": str(run_dir)})
-            rec = self.store.insert(
-                run_id, cfg.model_dump(mode="json"), digest, str(run_dir), job_id,
-                submitter, key, service.PENDING,
-            )
+            self._submitting.add(run_id)
             try:
-                service.submit_run(self.jobs, cfg, run_dir, job_id, self._metadata(rec, 1))
-            except service.ServiceError as err:
-                self.store.delete(run_id)
-                shutil.rmtree(run_dir, ignore_errors=True)
-                raise _error(503, str(err)) from None
+                rec = self.store.insert(
+                    run_id, cfg.model_dump(mode="json"), digest, str(run_dir), job_id,
+                    submitter, key, service.PENDING,
+                )
+                try:
+                    service.submit_run(self.jobs, cfg, run_dir, job_id, self._metadata(rec, 1))
+                except service.ServiceError as err:
+                    self.store.delete(run_id)
+                    shutil.rmtree(run_dir, ignore_errors=True)
+                    raise _error(503, str(err)) from None
+            finally:
+                self._submitting.discard(run_id)
             return rec, True
 
     @staticmethod
@@ -334,13 +350,19 @@ class Runs:
             attempt = len(rec.job_ids) + 1
             job_id = f"dmsae-{rec.id}-{attempt}"
             cfg = RunConfig.model_validate(rec.config)
+            # Until the new job is recorded, the record still names the previous (ended) job:
+            # without this mark a concurrent DELETE would see "stopped" and remove the run.
+            self._submitting.add(rec.id)
             try:
-                service.submit_run(
-                    self.jobs, cfg, rec.run_dir, job_id, self._metadata(rec, attempt)
-                )
-            except service.ServiceError as err:
-                raise _error(503, str(err)) from None
-            self.store.new_job(rec.id, job_id, service.PENDING)
+                try:
+                    service.submit_run(
+                        self.jobs, cfg, rec.run_dir, job_id, self._metadata(rec, attempt)
+                    )
+                except service.ServiceError as err:
+                    raise _error(503, str(err)) from None
+                self.store.new_job(rec.id, job_id, service.PENDING)
+            finally:
+                self._submitting.discard(rec.id)
         return self.view(self.record(rec.id))
 
     def delete(self, rec: RunRecord, users: Callable[[str], list[str]] | None = None) -> None:
@@ -350,6 +372,10 @@ class Runs:
             view = self.view(rec)
             if view["status"] not in service.TERMINAL:
                 raise _error(409, f"run {rec.id} is {view['status']}; stop it before deleting it")
+            if not view["ray_reachable"] and not self.record(rec.id).status_final:
+                # A status read from the directory alone: its job may still be running.
+                raise _error(503, "Ray is unreachable; cannot tell whether the run's job has "
+                             "ended, so its directory stays")
             using = (users or self.core_users)(rec.run_dir)
             if using:
                 raise _error(

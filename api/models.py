@@ -48,11 +48,20 @@ class DistillationBrief(BaseModel):
     updated_at: float
 
 
+class DriverLiveness(BaseModel):
+    alive: bool
+    reason: str
+    heartbeat_age_s: float | None = Field(None, description="null: no heartbeat file")
+
+
 class Distillation(DistillationBrief):
     progress: dict[str, Any] = Field(default_factory=dict)
     cycles: list[CycleSummary] = Field(default_factory=list)
     ray_job: RayJob | None = Field(None, description="the current job; null if Ray is down")
     ray_reachable: bool = True
+    driver: DriverLiveness | None = Field(
+        None, description="while state.json says running: whether its driver still beats"
+    )
     job_ids: list[str] = Field(description="every Ray job of this run, the first submission first")
     idempotency_key: str | None = None
     config: dict[str, Any]

@@ -136,13 +136,19 @@ class RunStore:
             rows = db.execute("SELECT * FROM runs ORDER BY created_at DESC, id").fetchall()
         return [RunRecord.from_row(r) for r in rows]
 
-    def set_status(self, run_id: str, status: str, final: bool, error: str | None) -> None:
-        """Record the last computed status (``final``: it cannot change without a resume)."""
+    def set_status(
+        self, run_id: str, status: str, final: bool, error: str | None, job_id: str | None
+    ) -> None:
+        """Record the last computed status (``final``: it cannot change without a resume), if
+        the run's job is still ``job_id``: a status computed from a job that a resume has
+        since replaced must not overwrite the new job's."""
         with self._conn() as db:
             db.execute(
                 "UPDATE runs SET status = ?, status_final = ?, error = ?, updated_at = ?"
-                " WHERE id = ? AND (status != ? OR status_final != ? OR error IS NOT ?)",
-                (status, int(final), error, time.time(), run_id, status, int(final), error),
+                " WHERE id = ? AND ray_job_id IS ?"
+                " AND (status != ? OR status_final != ? OR error IS NOT ?)",
+                (status, int(final), error, time.time(), run_id, job_id, status, int(final),
+                 error),
             )
 
     def request_stop(self, run_id: str) -> None:

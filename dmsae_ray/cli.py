@@ -101,6 +101,7 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from dmsae_ray.heartbeat import driver_liveness
     from dmsae_ray.rundir import RunDir
 
     rd = RunDir(args.run_dir)
@@ -108,12 +109,23 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"error: {rd.root} is not a run directory (no config.json)", file=sys.stderr)
         return 2
     state = _live_state(rd, args.address) if args.address else rd.load_state()
+    # state.json cannot record a SIGKILL: ask the heartbeat whether "running" is still true.
+    live = driver_liveness(rd.root, state)
+    dead = live is not None and not live.alive
     if args.json:
+        if live is not None:
+            state = state | {"driver": {"alive": live.alive, "reason": live.reason,
+                                        "heartbeat_age_s": live.age_s}}
         print(json.dumps(state, indent=2))
         return 0
-    print(f"{rd.root}: {state['status']}, cycle {state['cycle']}, stage {state['stage']}")
+    status = "dead (state.json says running)" if dead else state["status"]
+    print(f"{rd.root}: {status}, cycle {state['cycle']}, stage {state['stage']}")
+    if dead:
+        assert live is not None
+        print(f"  {live.reason}; run the same command again (or POST .../resume) to resume "
+              "after the last committed cycle")
     progress = state.get("progress") or {}
-    if "tokens_done" in progress and "tokens_total" in progress:
+    if not dead and "tokens_done" in progress and "tokens_total" in progress:
         eta = progress.get("eta_s")
         print(
             f"  {progress['tokens_done']}/{progress['tokens_total']} tokens"

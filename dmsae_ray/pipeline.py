@@ -17,6 +17,7 @@ from torch import Tensor
 
 from dmsae_ray.config import ConfigError, RunConfig, check_layer
 from dmsae_ray.core import Core, jaccard, select_core, selection_counts
+from dmsae_ray.heartbeat import Heartbeat
 from dmsae_ray.lm import num_layers_of
 from dmsae_ray.rundir import RunDir
 from dmsae_ray.sae import MatryoshkaBatchTopKSAE
@@ -192,7 +193,10 @@ def run(
         # Only now, with model and data known to load, does the run directory come into being.
         cfg = rd.init(cfg)
         state = backend.open_state()
-        return _loop(cfg, rd, backend, state, log, on_cycle)
+        # Beats while this driver works, so a reader can tell a run that stopped without
+        # recording its end (SIGKILL, a lost node) from one that runs (dmsae_ray/heartbeat.py).
+        with Heartbeat(rd.root):
+            return _loop(cfg, rd, backend, state, log, on_cycle)
     finally:
         backend.close()
 

@@ -26,6 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from dmsae_ray.config import RunConfig
+from dmsae_ray.heartbeat import Liveness
+from dmsae_ray.heartbeat import driver_liveness as driver_liveness  # api/ reads it here
 
 REQUEST_FILE = "request.json"  # the config the job runs (written by the service)
 CONFIG_FILE = "config.json"  # written by the pipeline when the run directory comes into being
@@ -358,11 +360,13 @@ def run_status(
     ray_reachable: bool = True,
     stop_requested: bool = False,
     state_time: float | None = None,
+    driver: Liveness | None = None,
 ) -> tuple[str, str | None]:
     """Combine ``state.json`` with the Ray job into (status, error).
 
     The run directory is the truth about completion; the Ray job is the truth about whether
-    the process still runs (a killed job leaves state.json at "running").
+    the process still runs (a killed job leaves state.json at "running"). Without Ray, the
+    driver's heartbeat (``driver``, dmsae_ray/heartbeat.py) says whether "running" still holds.
     """
     s = (state or {}).get("status")
     s_err = (state or {}).get("error")
@@ -370,6 +374,8 @@ def run_status(
         return COMPLETED, None
     if job is None:
         if not ray_reachable:  # best effort from the directory alone
+            if s == RUNNING and driver is not None and not driver.alive:
+                return FAILED, f"the driver ended without recording it ({driver.reason})"
             return {None: PENDING, "created": PENDING}.get(s, s), s_err
         if s in (FAILED, STOPPED):
             return s, s_err

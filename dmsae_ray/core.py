@@ -113,18 +113,7 @@ def build_sae(
     re-initialised."""
     c = 0 if core is None else core.size
     torch.manual_seed(cfg.train.seed + cycle if seed is None else seed)
-    sae = MatryoshkaBatchTopKSAE(
-        d_in,
-        cfg.sae.width,
-        cfg.sae.k,
-        core_size=c,
-        group_fractions=cfg.sae.group_fractions,
-        group_mode=cfg.sae.group_mode,
-        l0_budget=cfg.sae.l0_budget,
-        bias_level=cfg.sae.bias_level,
-        cycle=cycle,
-        core_activation=cfg.sae.core_activation,
-    )
+    sae = MatryoshkaBatchTopKSAE.from_config(cfg.sae, d_in, core_size=c, cycle=cycle)
     if core is not None and c:
         ids = torch.tensor(core.ids, dtype=torch.long).reshape(c, 2)
         sae.set_core(

@@ -18,16 +18,32 @@ BatchTopK selection, then every other product (decoder, nested levels, aux-k, an
 products) touches only the selected latents, as CSR sparse-dense products. ``fast = False`` (or
 ``loss_reference``) runs the plain dense reference the fast path is tested against
 (``tests/test_fast_path.py``); both give the same codes, reconstructions, loss and gradients.
+This module is the model; the selection and sparse autograd kernels it calls are in
+``kernels.py``.
 """
 
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
+
+from dmsae_ray.kernels import (
+    SparsePattern,
+    batch_topk_positions,
+    geometric_median,
+    global_topk,
+    min_positive,
+    nested_mse,
+    sampled_pre,
+    sparse_decode,
+)
+
+if TYPE_CHECKING:  # annotations only: importing the SAE loads no config machinery
+    from dmsae_ray.config import SAEConfig
 
 
 def group_sizes(
@@ -92,213 +108,6 @@ class SparseCodes:
         f_nc = self.vals.new_zeros(self.pre_nc.shape)
         f_nc = f_nc.index_put((self.pattern.rows, self.pattern.cols), self.vals)
         return torch.cat([self.f_core.to(f_nc.dtype), f_nc], dim=1)
-
-
-# Below this many candidates an exact flat top-k is already cheap.
-_THRESHOLD_SELECT_MIN = 1 << 16
-_SAMPLE_TARGET = 1 << 18
-
-
-def batch_topk_positions(
-    flat: Tensor, budget: int, min_size: int = _THRESHOLD_SELECT_MIN
-) -> Tensor:
-    """Sorted flat positions of the ``budget`` largest entries of ``flat`` (exact top-k set).
-
-    On CPU ``flat.topk`` is a single-threaded selection over all B*K entries and costs about half
-    an encoder GEMM at K=16k. Instead: estimate a lower bound on the budget-th largest value from
-    a strided sample (with a 4-sigma margin), keep the entries above it (one vectorised pass) and
-    run the exact top-k on those few candidates. If the bound was too high the candidates are too
-    few and we fall back to the exact top-k, so the result never depends on the sample.
-    """
-    n = flat.numel()
-    if budget <= 0:
-        return torch.zeros(0, dtype=torch.long, device=flat.device)
-    if budget >= n:
-        return torch.arange(n, device=flat.device)
-    if n >= min_size and flat.device.type == "cpu":
-        stride = max(1, n // _SAMPLE_TARGET)
-        stride += 1 - stride % 2  # odd: a power-of-two row length then still covers every column
-        sample = flat[::stride]
-        m = sample.numel()
-        expected = budget / n * m
-        above = math.ceil(expected + 4 * math.sqrt(expected) + 16)
-        if above < m:
-            lower = sample.kthvalue(m - above + 1).values
-            cand = (flat >= lower).nonzero().squeeze(1)
-            if cand.numel() >= budget:
-                keep = flat[cand].topk(budget, sorted=False).indices
-                return cand[keep].sort().values
-    return flat.topk(budget, sorted=False).indices.sort().values
-
-
-_csr_warned = False
-
-
-def _csr(crow: Tensor, cols: Tensor, vals: Tensor, shape: tuple[int, int]) -> Tensor:
-    # Invariants hold by construction (sorted entries); checking them would sync on a GPU.
-    global _csr_warned
-    if _csr_warned:
-        return torch.sparse_csr_tensor(crow, cols, vals, shape, check_invariants=False)
-    # torch warns once per process that CSR support is "beta"; we use it knowingly. Only the
-    # first call needs the filter (a global filter would not survive pytest's warning capture).
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-        out = torch.sparse_csr_tensor(crow, cols, vals, shape, check_invariants=False)
-    _csr_warned = True
-    return out
-
-
-def _wide(t: Tensor) -> Tensor:
-    """fp32 for half types (torch's sparse kernels do not take bf16); fp32/fp64 unchanged."""
-    return t if t.dtype in (torch.float32, torch.float64) else t.float()
-
-
-@dataclass
-class SparsePattern:
-    """Positions of sparse entries in an ``n_rows x n_cols`` matrix, in row-major order."""
-
-    crow: Tensor  # [n_rows + 1] CSR row pointer
-    rows: Tensor  # [nnz] row of each entry
-    cols: Tensor  # [nnz] column of each entry
-    n_cols: int
-    order: Tensor | None = None  # argsort of cols; computed once when first needed, shareable
-
-    @property
-    def n_rows(self) -> int:
-        return self.crow.numel() - 1
-
-    def csr(self, vals: Tensor) -> Tensor:
-        return _csr(self.crow, self.cols, vals, (self.n_rows, self.n_cols))
-
-    def column_order(self) -> Tensor:
-        if self.order is None:
-            self.order = torch.argsort(self.cols, stable=True)
-        return self.order
-
-    def transposed_mm(self, vals: Tensor, dense: Tensor) -> Tensor:
-        """S^T @ dense [n_cols, d] as an embedding_bag over the entries grouped by column.
-
-        On CPU this beats the CSR^T product by ~25-40% (each output row is written once).
-        """
-        order = self.column_order()
-        cols = self.cols[order]
-        offsets = torch.searchsorted(cols, torch.arange(self.n_cols, device=cols.device))
-        return nn.functional.embedding_bag(
-            self.rows[order], dense, offsets, mode="sum", per_sample_weights=vals[order]
-        )
-
-
-class _SparseDecode(torch.autograd.Function):
-    """out[r] = sum over the entries e of row r of vals[e] * W[cols[e]]: a CSR x dense product.
-
-    Backward stays sparse too: dW = S^T @ grad and dvals[e] = grad[row e] . W[col e], a sampled
-    dense-dense product (SDDMM), instead of the two dense [B, K] x [K, d]-sized products.
-    Runs outside autocast, in fp32 at least (torch's sparse kernels do not take bf16).
-    """
-
-    @staticmethod
-    def forward(ctx, vals: Tensor, weight: Tensor, pattern: SparsePattern) -> Tensor:
-        with torch.autocast(weight.device.type, enabled=False):
-            w = _wide(weight)
-            out = torch.sparse.mm(pattern.csr(vals.to(w.dtype)), w)
-        ctx.save_for_backward(vals, weight)
-        ctx.pattern = pattern
-        return out
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        vals, weight = ctx.saved_tensors
-        pattern: SparsePattern = ctx.pattern
-        w = _wide(weight)
-        grad = grad.to(w.dtype).contiguous()
-        g_vals = g_w = None
-        with torch.autocast(weight.device.type, enabled=False):
-            if ctx.needs_input_grad[0]:
-                g_vals = torch.sparse.sampled_addmm(
-                    pattern.csr(vals.to(w.dtype)), grad, w.t(), beta=0.0
-                )
-                g_vals = g_vals.values().to(vals.dtype)
-            if ctx.needs_input_grad[1]:
-                g_w = pattern.transposed_mm(vals.to(w.dtype), grad).to(weight.dtype)
-        return g_vals, g_w, None
-
-
-class _SampledPre(torch.autograd.Function):
-    """Entries of pre = (x - b_dec) @ W + b at the pattern's positions, already computed by the
-    dense no-grad GEMM; the backward only touches those entries.
-
-    With g the entry gradients: dW = (x - b_dec)^T S_g, db = column sums of S_g and
-    db_dec = -W @ db. The last one is a mat-vec: the dense graph gets it from a full
-    [B, K] x [K, d] product for the input gradient.
-    """
-
-    @staticmethod
-    def forward(ctx, values, x, b_dec, weight, bias, pattern: SparsePattern) -> Tensor:
-        ctx.save_for_backward(x, b_dec, weight)
-        ctx.pattern = pattern
-        return values.detach().clone()
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        x, b_dec, weight = ctx.saved_tensors
-        pattern: SparsePattern = ctx.pattern
-        w = _wide(weight)
-        grad = grad.to(w.dtype)
-        g_x = g_bdec = g_w = g_b = None
-        with torch.autocast(weight.device.type, enabled=False):
-            col_sum = grad.new_zeros(pattern.n_cols).index_add_(0, pattern.cols, grad)
-            if ctx.needs_input_grad[1]:
-                g_x = torch.sparse.mm(pattern.csr(grad), w.t()).to(x.dtype)
-            if ctx.needs_input_grad[2]:
-                g_bdec = -(w @ col_sum).to(b_dec.dtype)
-            if ctx.needs_input_grad[3]:
-                xc = (x - b_dec).detach().to(w.dtype)
-                g_w = pattern.transposed_mm(grad, xc).t().to(weight.dtype)
-            if ctx.needs_input_grad[4]:
-                g_b = col_sum.to(weight.dtype)
-        return None, g_x, g_bdec, g_w, g_b, None
-
-
-class _NestedMSE(torch.autograd.Function):
-    """Mean squared error of every nested level, from the first residual and the group parts.
-
-    Level l's residual is r0 - (part_0 + ... + part_l), so one running residual updated in
-    place gives every level, and the backward runs the same recursion in reverse with a running
-    suffix sum of the level gradients. Autograd over a stacked [B, L, d] cumsum makes about
-    three times as many full passes over that tensor (the largest activation-sized one here).
-    Also returns the last residual (no grad) for aux-k.
-    """
-
-    @staticmethod
-    def forward(ctx, r0: Tensor, parts: Tensor, with_r0: bool):
-        n = r0.shape[0]
-        with torch.autocast(parts.device.type, enabled=False):
-            r = r0.detach().to(parts.dtype).clone()
-            mses = [torch.dot(r.view(-1), r.view(-1)) / n] if with_r0 else []
-            for g in range(parts.shape[1]):
-                r.sub_(parts[:, g])
-                mses.append(torch.dot(r.view(-1), r.view(-1)) / n)
-        ctx.save_for_backward(r, parts)
-        ctx.with_r0, ctx.r0_dtype = with_r0, r0.dtype
-        ctx.mark_non_differentiable(r)
-        return torch.stack(mses), r
-
-    @staticmethod
-    def backward(ctx, grad_mse: Tensor, _grad_r: Tensor):
-        r_last, parts = ctx.saved_tensors
-        n, n_groups = parts.shape[0], parts.shape[1]
-        coef = grad_mse.to(parts.dtype) * (2 / n)  # d mse_l / d r_l = 2 r_l / n
-        r = r_last.clone()
-        acc = torch.zeros_like(r)  # sum over levels m >= l of coef_m * r_m
-        grad_parts = torch.empty_like(parts)
-        first = 1 if ctx.with_r0 else 0
-        for g in reversed(range(n_groups)):
-            acc.addcmul_(r, coef[first + g])
-            torch.neg(acc, out=grad_parts[:, g])
-            r.add_(parts[:, g])
-        if ctx.with_r0:
-            acc.addcmul_(r, coef[0])
-        return acc.to(ctx.r0_dtype), grad_parts, None
 
 
 class MatryoshkaBatchTopKSAE(nn.Module):
@@ -410,7 +219,7 @@ class MatryoshkaBatchTopKSAE(nn.Module):
         post = torch.relu(self.pre_acts(x))
         n_tokens, c = x.shape[0], self.c
         if self.core_in_topk:
-            f, min_sel = _global_topk(post, self.k * n_tokens)
+            f, min_sel = global_topk(post, self.k * n_tokens)
             core_nnz = (f[:, :c] > 0).sum()
             return EncodeOutput(f, post, core_nnz.float() / n_tokens, min_sel)
         f_core, nc = post[:, :c], post[:, c:]
@@ -418,7 +227,7 @@ class MatryoshkaBatchTopKSAE(nn.Module):
         budget = self.k * n_tokens
         if self.l0_budget == "dynamic":
             budget = max(0, budget - int(core_nnz))
-        f_nc, min_sel = _global_topk(nc, budget)
+        f_nc, min_sel = global_topk(nc, budget)
         f = torch.cat([f_core, f_nc], dim=1)
         return EncodeOutput(f, post, core_nnz.float() / n_tokens, min_sel)
 
@@ -497,7 +306,7 @@ class MatryoshkaBatchTopKSAE(nn.Module):
             vals = vals * keep
         return SparseCodes(
             f_core, pattern, cols_nc + c, vals, pre_nc, core_nnz.float() / n,
-            _min_positive(vals),
+            min_positive(vals),
         )
 
     def _encode_sparse_shared(self, x: Tensor) -> SparseCodes:
@@ -525,7 +334,7 @@ class MatryoshkaBatchTopKSAE(nn.Module):
         rows, cols_nc, raw = rows[pick], cols[pick] - c, flat[pos[pick]]
         vals, pattern = self._selected_values(x, rows, cols_nc, raw)
         core_nnz = (f_core > 0).sum()
-        min_sel = _min_positive(vals, f_core.detach().flatten())
+        min_sel = min_positive(vals, f_core.detach().flatten())
         return SparseCodes(
             f_core, pattern, cols_nc + c, vals, pre_nc, core_nnz.float() / n, min_sel
         )
@@ -534,11 +343,9 @@ class MatryoshkaBatchTopKSAE(nn.Module):
         self, x: Tensor, rows: Tensor, cols_nc: Tensor, raw: Tensor
     ) -> tuple[Tensor, SparsePattern]:
         """The selected non-core activations (row-major entries) with their gradient path."""
-        n, nc = x.shape[0], self.width - self.c
-        crow = torch.searchsorted(rows, torch.arange(n + 1, device=x.device))
-        pattern = SparsePattern(crow, rows, cols_nc, nc)
+        pattern = SparsePattern.from_rows(rows, cols_nc, x.shape[0], self.width - self.c)
         b_nc = self.b_enc[self.c :]
-        vals = torch.relu(_SampledPre.apply(raw, x, self.b_dec, self.W_enc_nc, b_nc, pattern))
+        vals = torch.relu(sampled_pre(raw, x, self.b_dec, self.W_enc_nc, b_nc, pattern))
         return vals, pattern
 
     def sparse_parts(self, codes: SparseCodes) -> Tensor:
@@ -547,10 +354,11 @@ class MatryoshkaBatchTopKSAE(nn.Module):
         n, n_groups = codes.f_core.shape[0], len(self.groups)
         inner = self._inner_ends(codes.cols.device)
         bag = codes.rows * n_groups + torch.bucketize(codes.cols, inner, right=True)
-        crow = torch.searchsorted(bag, torch.arange(n * n_groups + 1, device=bag.device))
         # Same columns in the same order as the encoder pattern: share its column sort.
-        pattern = SparsePattern(crow, bag, codes.cols, self.width, codes.pattern.column_order())
-        parts = _SparseDecode.apply(codes.vals, self.W_dec, pattern)
+        pattern = SparsePattern.from_rows(
+            bag, codes.cols, n * n_groups, self.width, codes.pattern.column_order()
+        )
+        parts = sparse_decode(codes.vals, self.W_dec, pattern)
         return parts.view(n, n_groups, -1)
 
     def _inner_ends(self, device: torch.device) -> Tensor:
@@ -596,9 +404,9 @@ class MatryoshkaBatchTopKSAE(nn.Module):
         crow = torch.arange(n + 1, device=x.device) * k_aux
         enc = SparsePattern(crow, rows, cols_nc, self.width - c)
         b_nc = self.b_enc[c:]
-        acts = torch.relu(_SampledPre.apply(raw, x, self.b_dec, self.W_enc_nc, b_nc, enc))
+        acts = torch.relu(sampled_pre(raw, x, self.b_dec, self.W_enc_nc, b_nc, enc))
         dec = SparsePattern(crow, rows, cols_nc + c, self.width, enc.column_order())
-        recon = _SparseDecode.apply(acts, self.W_dec, dec)
+        recon = sparse_decode(acts, self.W_dec, dec)
         return self._aux_ratio(residual, recon)
 
     @staticmethod
@@ -626,7 +434,7 @@ class MatryoshkaBatchTopKSAE(nn.Module):
             return self.loss_reference(x, aux_alpha, dead_tokens)
         codes = self.encode_sparse(x)
         parts = self.sparse_parts(codes)
-        level_mse, residual = _NestedMSE.apply(x - self.sparse_base(codes), parts, self.bias_level)
+        level_mse, residual = nested_mse(x - self.sparse_base(codes), parts, self.bias_level)
         recon_loss = nested_recon_loss(level_mse)
         dead = self.dead_mask(dead_tokens)
         aux = self.aux_loss_sparse(x, residual, codes, dead)
@@ -698,7 +506,26 @@ class MatryoshkaBatchTopKSAE(nn.Module):
     def normalize_decoder(self) -> None:
         self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8))
 
-    # -- persistence --------------------------------------------------------------------
+    # -- construction and persistence ---------------------------------------------------
+    @classmethod
+    def from_config(
+        cls, cfg: SAEConfig, d_in: int, core_size: int = 0, cycle: int = 0
+    ) -> MatryoshkaBatchTopKSAE:
+        """A freshly initialised SAE with the shape and options of ``cfg`` (the ``sae``
+        section); the core columns are still zero (``set_core`` fills them)."""
+        return cls(
+            d_in,
+            cfg.width,
+            cfg.k,
+            core_size=core_size,
+            group_fractions=cfg.group_fractions,
+            group_mode=cfg.group_mode,
+            l0_budget=cfg.l0_budget,
+            bias_level=cfg.bias_level,
+            cycle=cycle,
+            core_activation=cfg.core_activation,
+        )
+
     def hparams(self) -> dict:
         return {
             "d_in": self.d_in,
@@ -740,44 +567,6 @@ def nested_recon_loss(level_mse: Tensor) -> Tensor:
     """
     n_levels = level_mse.shape[0]
     return (level_mse / n_levels).mean()
-
-
-def _min_positive(*parts: Tensor) -> Tensor:
-    """Smallest positive entry over the parts (-1 when there is none), without a host sync."""
-    lows = [
-        torch.where(p > 0, p, torch.full_like(p, math.inf)).min() for p in parts if p.numel()
-    ]
-    if not lows:
-        return parts[0].new_tensor(-1.0)
-    low = torch.stack([v.to(lows[0].dtype) for v in lows]).min().detach()
-    return torch.where(torch.isinf(low), torch.full_like(low, -1.0), low)
-
-
-def _global_topk(post: Tensor, budget: int) -> tuple[Tensor, Tensor]:
-    """BatchTopK over a [B, n] block: the ``budget`` largest entries kept, the rest zeroed;
-    also the smallest positive kept value (-1 if none), which the inference threshold tracks."""
-    flat = post.flatten()
-    budget = min(budget, flat.numel())
-    if budget <= 0:
-        return torch.zeros_like(post), post.new_tensor(-1.0)
-    vals, idx = flat.topk(budget, sorted=False)
-    f = torch.zeros_like(flat).scatter(0, idx, vals).view_as(post)
-    pos = vals[vals > 0]
-    min_sel = pos.min().detach() if pos.numel() else post.new_tensor(-1.0)
-    return f, min_sel
-
-
-@torch.no_grad()
-def geometric_median(x: Tensor, max_iter: int = 100, tol: float = 1e-5) -> Tensor:
-    """Weiszfeld's algorithm, as dictionary_learning uses to initialise b_dec."""
-    guess = x.mean(0)
-    for _ in range(max_iter):
-        prev = guess
-        w = 1 / (x - guess).norm(dim=1).clamp_min(1e-8)
-        guess = (w[:, None] * x).sum(0) / w.sum()
-        if (guess - prev).norm() < tol:
-            break
-    return guess
 
 
 def _loss_metrics(

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from dmsae_ray.config import SAEConfig, TrainConfig
-from dmsae_ray.sae import MatryoshkaBatchTopKSAE, batch_topk_positions
+from dmsae_ray.kernels import batch_topk_positions
+from dmsae_ray.sae import MatryoshkaBatchTopKSAE
 from dmsae_ray.trainer import SAETrainer
 
 FRACS = [1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2 + 1 / 32]

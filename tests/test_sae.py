@@ -2,7 +2,8 @@ import torch
 
 from dmsae_ray.config import SAEConfig, TrainConfig
 from dmsae_ray.core import Core, build_sae
-from dmsae_ray.sae import MatryoshkaBatchTopKSAE, geometric_median, group_sizes
+from dmsae_ray.kernels import geometric_median
+from dmsae_ray.sae import MatryoshkaBatchTopKSAE, group_sizes
 from dmsae_ray.trainer import SAETrainer, lr_lambda
 
 FRACS = [1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2 + 1 / 32]
@@ -112,6 +113,29 @@ def test_core_bias_starts_at_zero_or_is_carried():
         sae = build_sae(cfg, 16, cycle=2, core=core)
         torch.testing.assert_close(sae.b_enc[:3].detach(), expected)
         assert not sae.b_enc[3:].any()  # every non-core bias is re-initialised
+
+
+def test_from_config_takes_every_field_of_the_sae_section():
+    cfg = SAEConfig(
+        width=128, k=4, group_fractions=[0.25, 0.75], group_mode="absolute", l0_budget="fixed",
+        bias_level=True, core_activation="batchtopk",
+    )
+    sae = MatryoshkaBatchTopKSAE.from_config(cfg, 16, core_size=3, cycle=2)
+    assert sae.hparams() == {
+        "d_in": 16, "width": 128, "k": 4, "core_size": 3,
+        "groups": group_sizes(128, 3, [0.25, 0.75], mode="absolute"), "l0_budget": "fixed",
+        "bias_level": True, "core_activation": "batchtopk",
+    }
+    assert sae.origin_cycle.eq(2).all()
+    # the same initial weights as the constructor called by hand under the same seed
+    torch.manual_seed(0)
+    a = MatryoshkaBatchTopKSAE.from_config(cfg, 16, core_size=3, cycle=2)
+    torch.manual_seed(0)
+    b = MatryoshkaBatchTopKSAE(
+        16, 128, 4, 3, [0.25, 0.75], "absolute", "fixed", True, 2, "batchtopk"
+    )
+    for (name, t_a), t_b in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.equal(t_a, t_b), name
 
 
 def test_training_keeps_l0_near_k_and_nested_mse_monotone():

@@ -37,8 +37,9 @@ from api.policy import Admission, Rejected
 from api.security import BearerAuth, BodyLimitMiddleware, HostCheckMiddleware
 from api.store import RunRecord, RunStore
 from api.sweeps import SweepNotFound, SweepRequest, Sweeps, iter_errors, sweeps_root
-from dmsae_ray import service, tuning
+from dmsae_ray import service
 from dmsae_ray.config import RunConfig
+from dmsae_ray.sweep_plan import SweepError
 
 RUN_ID = re.compile(r"^[0-9a-f]{12}$")
 
@@ -586,7 +587,7 @@ def create_app(settings: Settings) -> FastAPI:
             raise _error(404, str(err)) from None
         except Rejected as err:
             raise _rejected(err) from None
-        except tuning.SweepError as err:
+        except SweepError as err:
             raise RequestValidationError(list(iter_errors(err))) from None
         except service.ArtifactPathError as err:
             raise _error(400, str(err)) from None

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import secrets
-import shlex
 import shutil
 import threading
 import time
@@ -26,18 +25,17 @@ from pydantic import Field
 from api.policy import Admission
 from dmsae_ray import service
 from dmsae_ray.config import RunConfig
-from dmsae_ray.tuning import (
+from dmsae_ray.jsonio import atomic_write_json, read_json_or_none
+from dmsae_ray.sweep_plan import (
     RECORD_FILE,
     REQUEST_FILE,
     STATE_FILE,
     SWEEP_FILE,
     SweepError,
     SweepSpec,
-    _read_json,
-    _write_json,
     plan_sweep,
-    summarize,
 )
+from dmsae_ray.sweep_summary import summarize
 
 SWEEP_ID_CHARS = set("0123456789abcdef")
 
@@ -90,11 +88,11 @@ class Sweeps:
         return d
 
     def _record(self, sweep_id: str) -> dict[str, Any]:
-        return _read_json(self._dir(sweep_id) / RECORD_FILE) or {}
+        return read_json_or_none(self._dir(sweep_id) / RECORD_FILE) or {}
 
     def _update(self, sweep_id: str, **fields: Any) -> dict[str, Any]:
         rec = self._record(sweep_id) | fields
-        _write_json(self.root / sweep_id / RECORD_FILE, rec)
+        atomic_write_json(self.root / sweep_id / RECORD_FILE, rec)
         return rec
 
     def ids(self) -> list[str]:
@@ -102,7 +100,7 @@ class Sweeps:
             return []
         recs = []
         for d in self.root.iterdir():
-            rec = _read_json(d / RECORD_FILE)
+            rec = read_json_or_none(d / RECORD_FILE)
             if rec:
                 recs.append((rec.get("created_at", 0), d.name))
         return [i for _, i in sorted(recs, reverse=True)]
@@ -114,8 +112,8 @@ class Sweeps:
     ) -> dict[str, Any]:
         """``jobs``: every job of the cluster, when the caller fetched them in one call."""
         d = self._dir(sweep_id)
-        rec = _read_json(d / RECORD_FILE) or {}
-        state = _read_json(d / STATE_FILE)
+        rec = read_json_or_none(d / RECORD_FILE) or {}
+        state = read_json_or_none(d / STATE_FILE)
         job, reachable = None, True
         try:
             job = jobs.get(rec["ray_job_id"]) if jobs is not None else None
@@ -134,7 +132,7 @@ class Sweeps:
             stop_requested=rec.get("stop_requested") is not None,
             state_time=st_time,
         )
-        plan = _read_json(d / SWEEP_FILE) or {}
+        plan = read_json_or_none(d / SWEEP_FILE) or {}
         out: dict[str, Any] = {
             "id": sweep_id,
             "name": rec.get("name"),
@@ -168,7 +166,7 @@ class Sweeps:
 
     def summary(self, sweep_id: str) -> dict[str, Any]:
         """Live: read from the trials' run directories now, not from the last written file."""
-        plan = _read_json(self._dir(sweep_id) / SWEEP_FILE)
+        plan = read_json_or_none(self._dir(sweep_id) / SWEEP_FILE)
         if not plan:
             raise SweepNotFound(f"sweep {sweep_id} has no plan yet")
         return summarize(plan)
@@ -184,7 +182,7 @@ class Sweeps:
         distill.init_core."""
         out = []
         for sweep_id in self.ids():
-            plan = _read_json(self.root / sweep_id / SWEEP_FILE) or {}
+            plan = read_json_or_none(self.root / sweep_id / SWEEP_FILE) or {}
             cores = {((plan.get("base") or {}).get("distill") or {}).get("init_core")}
             cores |= {(t.get("params") or {}).get("distill.init_core")
                       for t in plan.get("trials", [])}
@@ -202,31 +200,17 @@ class Sweeps:
 
     def _by_key(self, key: str) -> dict[str, Any] | None:
         for sweep_id in self.ids():
-            rec = _read_json(self.root / sweep_id / RECORD_FILE) or {}
+            rec = read_json_or_none(self.root / sweep_id / RECORD_FILE) or {}
             if rec.get("idempotency_key") == key:
                 return rec
         return None
 
     def _submit_job(self, sweep_id: str, job_id: str, submitter: str | None) -> None:
         d = self.root / sweep_id
-        command = (
-            f"{self.jobs.command} sweep --config {shlex.quote(str(d / REQUEST_FILE))} "
-            f"--sweep-dir {shlex.quote(str(d))}"
+        service.submit_sweep(
+            self.jobs, d / REQUEST_FILE, d, job_id,
+            {"dmsae_sweep_id": sweep_id, "submitter": submitter or ""},
         )
-        env = dict(self.jobs.env_vars)
-        try:
-            # RayJobs.submit builds `dmsae run` entrypoints; its _call keeps the error mapping.
-            self.jobs._call(
-                "submit_job",
-                entrypoint=command,
-                submission_id=job_id,
-                metadata={"dmsae_sweep_id": sweep_id, "submitter": submitter or ""},
-                runtime_env={"env_vars": env} if env else None,
-            )
-        except RuntimeError as err:
-            raise service.ServiceError(f"Ray refused the job: {err}") from None
-        finally:
-            self.jobs.invalidate(job_id)
 
     def create(
         self, req: SweepRequest, key: str | None, submitter: str | None
@@ -261,8 +245,8 @@ class Sweeps:
             self.admission.check_trials((t.name, t.config) for t in plan.trials)
             sweep_dir.mkdir(parents=True)
             request = base.model_dump(mode="json") | {"sweep": spec.model_dump(mode="json")}
-            _write_json(sweep_dir / REQUEST_FILE, request)
-            _write_json(sweep_dir / SWEEP_FILE, plan.as_dict())
+            atomic_write_json(sweep_dir / REQUEST_FILE, request)
+            atomic_write_json(sweep_dir / SWEEP_FILE, plan.as_dict())
             job_id = f"dmsae-sweep-{sweep_id}-1"
             record = {
                 "id": sweep_id,
@@ -275,7 +259,7 @@ class Sweeps:
                 "request_digest": digest,
                 "stop_requested": None,
             }
-            _write_json(sweep_dir / RECORD_FILE, record)
+            atomic_write_json(sweep_dir / RECORD_FILE, record)
             try:
                 self._submit_job(sweep_id, job_id, submitter)
             except service.ServiceError:

@@ -7,9 +7,13 @@ import json
 import signal
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from dmsae_ray.compare import DEFAULT_SEEDS
 from dmsae_ray.config import ConfigError, RunConfig, load_config
+
+if TYPE_CHECKING:
+    from dmsae_ray.sweep_plan import SweepPlan
 
 DESCRIPTION = """\
 dmsae-ray: Distilled Matryoshka Sparse Autoencoders.
@@ -143,16 +147,94 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_sweep(args: argparse.Namespace) -> int:
-    from dmsae_ray.tuning import main as sweep_main
+SWEEP_HELP = """\
+Run one distillation per point of a search space as Ray Tune trials, each in its own run
+directory under the sweep directory, then write summary.csv/.md/.json and plots there.
 
+The search space comes from the config's `sweep:` section and the command line (which wins key
+by key):
+  sweep:
+    grid:   {distill.tau: [0.5, 0.7, 0.9], sae.k: [40, 80]}    # every combination
+    random: {train.lr: {loguniform: [1.0e-4, 1.0e-2]},         # drawn num_samples times
+             attribution.pooling: {choice: [quantile, mean]}}  # per grid point
+    num_samples: 2
+    max_concurrent_trials: 2
+Examples:
+  dmsae sweep --config base.yaml --tau 0.5,0.7,0.8,0.9,0.95 --k 40,80,160,320
+  dmsae sweep --config base.yaml --grid train.lr=1e-4,3e-4 --max-concurrent-trials 2
+Running the same command again resumes: finished trials are not rerun.
+"""
+
+
+def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
+    """`dmsae sweep` options (the base config options are the same as `dmsae run`'s)."""
+    p.add_argument("--config", "-c", help="base config with an optional sweep: section")
+    p.add_argument(
+        "--set", "-s", action="append", default=[], metavar="KEY=VALUE",
+        help="override a key of the base config (repeatable)",
+    )
+    p.add_argument("--tau", help="grid over distill.tau, e.g. 0.5,0.7,0.9")
+    p.add_argument("--k", help="grid over sae.k, e.g. 40,80,160")
+    p.add_argument(
+        "--grid", "-g", action="append", default=[], metavar="KEY=V1,V2",
+        help="grid over any dotted config key (repeatable)",
+    )
+    p.add_argument("--num-samples", type=int, help="random draws per grid point")
+    p.add_argument("--seed", type=int, help="seed of the random draws")
+    p.add_argument("--max-concurrent-trials", type=int, help="trials running at once")
+    p.add_argument("--cpus-per-trial", type=float, help="CPUs reserved per trial driver")
+    p.add_argument("--name", help="sweep name (default: the config file's stem)")
+    p.add_argument("--sweep-dir", help="default runs/sweeps/<name>")
+    p.add_argument("--dry-run", action="store_true", help="print the trials and stop")
+
+
+def sweep_plan_from_args(args: argparse.Namespace) -> SweepPlan:
+    from dmsae_ray.sweep_plan import load_sweep, parse_values
+
+    grid: dict[str, list[Any]] = {}
+    for text in args.grid:
+        if "=" not in text:
+            raise ConfigError(f"--grid {text!r} must look like section.key=V1,V2")
+        key, values = text.split("=", 1)
+        grid[key.strip()] = parse_values(values)
+    if args.tau is not None:
+        grid["distill.tau"] = parse_values(args.tau)
+    if args.k is not None:
+        grid["sae.k"] = parse_values(args.k)
+    options = {
+        "num_samples": args.num_samples,
+        "seed": args.seed,
+        "max_concurrent_trials": args.max_concurrent_trials,
+        "cpus_per_trial": args.cpus_per_trial,
+        "name": args.name,
+    }
+    return load_sweep(
+        args.config, args.set, grid, options, args.sweep_dir, check_models=not args.dry_run
+    )
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from dmsae_ray.sweep_plan import SUMMARY_CSV, SUMMARY_MD
+    from dmsae_ray.sweep_summary import trial_done
+    from dmsae_ray.tuning import run_sweep
+
+    plan = sweep_plan_from_args(args)
+    if args.dry_run:
+        print(f"sweep {plan.name} -> {plan.sweep_dir}: {len(plan.trials)} trials")
+        for t in plan.trials:
+            state = "complete" if trial_done(t.run_dir) else "to run"
+            print(f"  {t.name}  {json.dumps(t.params)}  ({state})")
+        return 0
     # As for `dmsae run`: `ray job stop` ends the sweep as "stopped"; rerunning resumes it.
     signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
-        return sweep_main(args)
+        outcome = run_sweep(plan)
     except KeyboardInterrupt:
         print("stopped; run the same command again to resume", file=sys.stderr)
         return 130
+    print((plan.sweep_dir / SUMMARY_MD).read_text())
+    print(f"summary: {plan.sweep_dir / SUMMARY_CSV}; plots: {plan.sweep_dir / 'plots'}")
+    return 0 if outcome.ok else 130 if outcome.interrupted else 1
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -276,13 +358,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="without a token: a Host header accepted besides localhost, "
                    "127.0.0.1 and [::1] (repeatable)")
     p.set_defaults(fn=cmd_serve)
-    from dmsae_ray.tuning import SWEEP_HELP, add_arguments
-
     p = sub.add_parser(
         "sweep", help="sweep tau, k, ... as Ray Tune trials", description=SWEEP_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    add_arguments(p)
+    add_sweep_arguments(p)
     p.set_defaults(fn=cmd_sweep)
     p = sub.add_parser("transfer", help="distilled core vs baseline vs random core, per k")
     p.add_argument("--core", required=True, type=Path, help="run dir holding the distilled core")

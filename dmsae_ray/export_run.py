@@ -16,7 +16,8 @@ from pathlib import Path
 
 from dmsae_ray.config import ConfigError, RunConfig, validate
 from dmsae_ray.export import write_saelens, write_sparsity
-from dmsae_ray.rundir import RunDir, read_json
+from dmsae_ray.jsonio import read_json
+from dmsae_ray.rundir import RunDir
 from dmsae_ray.sae import MatryoshkaBatchTopKSAE
 
 # Scalars copied into the cfg metadata and the model card.

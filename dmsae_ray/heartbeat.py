@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
+from dmsae_ray.jsonio import atomic_write_json
+
 HEARTBEAT_FILE = "heartbeat.json"
 EVERY_S = 10.0
 # Six missed beats: a driver busy in a long torch call still beats (the thread needs the GIL
@@ -26,16 +28,11 @@ EVERY_S = 10.0
 STALE_S = 60.0
 
 
-def _write(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}")
-    tmp.write_text(json.dumps(data) + "\n")
-    os.replace(tmp, path)
-
-
 def beat(run_dir: str | Path) -> None:
-    _write(
+    atomic_write_json(
         Path(run_dir) / HEARTBEAT_FILE,
         {"host": socket.gethostname(), "pid": os.getpid(), "time": time.time()},
+        indent=None,
     )
 
 

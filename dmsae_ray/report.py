@@ -12,13 +12,16 @@ from __future__ import annotations
 import math
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 from matplotlib.figure import Figure
 
 from dmsae_ray import compare
 from dmsae_ray.config import ConfigError
 from dmsae_ray.core import selection_counts
-from dmsae_ray.rundir import RunDir, read_json
+from dmsae_ray.jsonio import read_json
+from dmsae_ray.rundir import RunDir
+from dmsae_ray.sweep_plan import PLOT_CORE, PLOT_JACCARD
 from dmsae_ray.transfer import read_table
 
 CYCLE_METRICS = (
@@ -371,3 +374,104 @@ def build_report(
     md = table.with_name("transfer.md") if rows else None
     (out / "summary.md").write_text(summary_markdown(data, plots, rows, md))
     return plots | {"summary": out / "summary.md"}
+
+
+# ----------------------------------------------------------------------------- sweep plots
+
+
+def _numeric(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def _colors(n: int) -> list[Any]:
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10" if n <= 10 else "tab20"]
+    return [cmap(i % cmap.N) for i in range(n)]
+
+
+def write_sweep_plots(sweep_dir: Path, summary: dict[str, Any]) -> list[Path]:
+    """Core size / coverage / sparsity against tau (or the first numeric swept key), one line
+    per combination of the other swept keys (per k in a tau x k grid); and Jaccard against
+    cycle per trial. Figures through the Agg canvas: no display, no pyplot global state."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    rows = [r for r in summary["rows"] if r["status"] == "completed"]
+    keys = summary["keys"]
+    numeric = [k for k in keys if rows and all(_numeric(r[k]) for r in rows)]
+    xkey = "distill.tau" if "distill.tau" in numeric else (numeric[0] if numeric else None)
+    others = [k for k in keys if k != xkey]
+    out = []
+
+    fig = Figure(figsize=(13, 4.2), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 3)
+    panels = (
+        ("core size", "core_size", "selected_every_cycle",
+         "solid: final core, dashed: selected in every cycle"),
+        ("coverage", "fve", "ce_loss_score",
+         "solid: variance explained, dashed: CE loss recovered"),
+        ("sparsity", "l0", "core_l0", "solid: L0, dashed: core L0"),
+    )
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(tuple(r[k] for k in others), []).append(r)
+    # Numeric order (k=40 before k=160), whatever the types of the values.
+    order = sorted(groups, key=lambda g: [(not _numeric(v), v if _numeric(v) else str(v))
+                                          for v in g])
+    colors = _colors(len(order))
+    for ax, (title, solid, dashed, styles) in zip(axes, panels, strict=True):
+        for color, group in zip(colors, order, strict=True):
+            rs = groups[group]
+            if xkey:
+                rs = sorted(rs, key=lambda r: r[xkey])
+                xs: list[Any] = [r[xkey] for r in rs]
+            else:
+                xs = [r["trial"].rsplit("-", 1)[0] for r in rs]
+            label = ", ".join(
+                f"{k.rsplit('.', 1)[-1]}={_fmt(v)}" for k, v in zip(others, group, strict=True)
+            )
+            for metric, style in ((solid, "-"), (dashed, "--")):
+                ys = [r[metric] if r[metric] is not None else math.nan for r in rs]
+                ax.plot(xs, ys, style, marker="o", color=color,
+                        label=label if style == "-" and label else "_nolegend_")
+        ax.set_title(f"{title}\n({styles})", fontsize=10)
+        ax.set_xlabel(xkey or "trial")
+        ax.grid(alpha=0.3)
+        if not xkey:
+            ax.tick_params(axis="x", labelrotation=45)
+    if others and rows:
+        axes[0].legend(fontsize=7)
+    if not rows:
+        fig.suptitle("no completed trial yet")
+    path = sweep_dir / PLOT_CORE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    out.append(path)
+
+    fig = Figure(figsize=(7, 4.5), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    plotted = False
+    series = summary["cycles"]  # in the plan's order
+    for color, (name, cycles) in zip(_colors(len(series)), series.items(), strict=True):
+        pts = [(c["cycle"], c["jaccard"]) for c in cycles if c.get("jaccard") is not None]
+        if pts:
+            label = name.rsplit("-", 1)[0]  # the parameters, without the config hash
+            ax.plot(*zip(*pts, strict=True), marker="o", color=color, label=label)
+            plotted = True
+    ax.set_xlabel("cycle")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel("Jaccard to the previous core")
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    if plotted:
+        ax.legend(fontsize=6, ncol=2 if len(series) > 12 else 1)
+    else:
+        ax.set_title("no distillation cycle committed yet (Jaccard starts at cycle 1)")
+    path = sweep_dir / PLOT_JACCARD
+    fig.savefig(path, dpi=100)
+    out.append(path)
+    return out

@@ -6,7 +6,6 @@ half-written artefact and a restart resumes after the last committed cycle.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -20,20 +19,8 @@ from safetensors.torch import load_file, save_file
 from dmsae_ray.config import ConfigError, MissingInputError, RunConfig, save_config, validate
 from dmsae_ray.core import Core
 from dmsae_ray.export import write_saelens
+from dmsae_ray.jsonio import atomic_write_json, read_json
 from dmsae_ray.sae import MatryoshkaBatchTopKSAE
-
-
-def atomic_write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(data, fh, indent=2)
-        fh.write("\n")
-    os.replace(tmp, path)
-
-
-def read_json(path: Path) -> Any:
-    return json.loads(path.read_text())
 
 
 def new_state() -> dict:

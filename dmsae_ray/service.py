@@ -28,6 +28,7 @@ from typing import Any
 from dmsae_ray.config import RunConfig
 from dmsae_ray.heartbeat import Liveness
 from dmsae_ray.heartbeat import driver_liveness as driver_liveness  # api/ reads it here
+from dmsae_ray.jsonio import atomic_write_text
 
 REQUEST_FILE = "request.json"  # the config the job runs (written by the service)
 CONFIG_FILE = "config.json"  # written by the pipeline when the run directory comes into being
@@ -68,7 +69,7 @@ def prepare_run(cfg: RunConfig, run_dir: str | Path) -> tuple[RunConfig, Path]:
     cfg = RunConfig.model_validate(cfg.model_dump(mode="json") | {"run_dir": str(root)})
     root.mkdir(parents=True, exist_ok=True)
     path = root / REQUEST_FILE
-    _atomic_write_text(path, json.dumps(cfg.model_dump(mode="json"), indent=2) + "\n")
+    atomic_write_text(path, json.dumps(cfg.model_dump(mode="json"), indent=2) + "\n")
     return cfg, path
 
 
@@ -84,6 +85,14 @@ def config_digest(cfg: RunConfig) -> str:
 def entrypoint(config_path: str | Path, command: str = "dmsae") -> str:
     """The job's shell command. ``command`` is resolved on the PATH of whoever started Ray."""
     return f"{command} run --config {shlex.quote(str(config_path))}"
+
+
+def sweep_entrypoint(config_path: str | Path, sweep_dir: str | Path, command: str = "dmsae") -> str:
+    """A sweep job's shell command: rerunning it resumes the sweep."""
+    return (
+        f"{command} sweep --config {shlex.quote(str(config_path))} "
+        f"--sweep-dir {shlex.quote(str(sweep_dir))}"
+    )
 
 
 def job_resources(cfg: RunConfig) -> dict[str, Any]:
@@ -213,15 +222,16 @@ class RayJobs:
     # jobs
     def submit(
         self,
-        config_path: str | Path,
+        command: str,
         submission_id: str,
         metadata: dict[str, str] | None = None,
         resources: dict[str, Any] | None = None,
     ) -> str:
+        """Submit the shell command ``command`` (see ``entrypoint``, ``sweep_entrypoint``)."""
         try:
             job_id = self._call(
                 "submit_job",
-                entrypoint=entrypoint(config_path, self.command),
+                entrypoint=command,
                 submission_id=submission_id,
                 metadata={k: str(v) for k, v in (metadata or {}).items()},
                 runtime_env={"env_vars": dict(self.env_vars)} if self.env_vars else None,
@@ -324,7 +334,22 @@ def submit_run(
     """Write ``request.json`` into ``run_dir`` and submit ``dmsae run`` on it as a Ray job.
     Submitting again (another ``submission_id``) on the same run_dir resumes the run."""
     cfg, path = prepare_run(cfg, run_dir)
-    return jobs.submit(path, submission_id, metadata, job_resources(cfg))
+    return jobs.submit(
+        entrypoint(path, jobs.command), submission_id, metadata, job_resources(cfg)
+    )
+
+
+def submit_sweep(
+    jobs: RayJobs,
+    config_path: str | Path,
+    sweep_dir: str | Path,
+    submission_id: str,
+    metadata: dict[str, str] | None = None,
+) -> str:
+    """Submit ``dmsae sweep`` on a sweep directory whose request and plan are written; the same
+    call with another ``submission_id`` resumes it."""
+    return jobs.submit(sweep_entrypoint(config_path, sweep_dir, jobs.command), submission_id,
+                       metadata)
 
 
 # ----------------------------------------------------------------------------- run directory
@@ -494,12 +519,6 @@ def resolve_artifact(run_dir: str | Path, rel: str) -> Path:
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def paginate(views: list[dict], status: str | None, limit: int, offset: int) -> dict[str, Any]:

@@ -33,7 +33,8 @@ import torch
 from dmsae_ray import compare
 from dmsae_ray.config import ConfigError, RunConfig, load_config, validate
 from dmsae_ray.core import Core
-from dmsae_ray.rundir import RunDir, atomic_write_json, read_json
+from dmsae_ray.jsonio import atomic_write_json, read_json
+from dmsae_ray.rundir import RunDir
 
 VARIANTS = ("distilled", "baseline", "random")
 # Columns of the per-run table, after k / variant / seed / core_size.

@@ -37,6 +37,7 @@ from api.policy import Admission, Rejected
 from api.security import BearerAuth, BodyLimitMiddleware, HostCheckMiddleware
 from api.store import RunRecord, RunStore
 from api.sweeps import SweepNotFound, SweepRequest, Sweeps, iter_errors, sweeps_root
+from api.ui import mount_ui
 from dmsae_ray import service
 from dmsae_ray.config import RunConfig
 from dmsae_ray.sweep_plan import SweepError
@@ -413,7 +414,8 @@ def create_app(settings: Settings) -> FastAPI:
         version="1",
         description=(
             "Distilled Matryoshka SAE runs as Ray jobs. Every /v1 endpoint needs "
-            "`Authorization: Bearer <token>` when the server has a token."
+            "`Authorization: Bearer <token>` when the server has a token (or the web UI's "
+            "session cookie, see /ui/). The web UI is at /ui/."
         ),
     )
     app.state.runs = runs
@@ -694,6 +696,7 @@ def create_app(settings: Settings) -> FastAPI:
                             "application/octet-stream"), filename=target.name)
 
     app.include_router(v1)
+    mount_ui(app, runs, sweeps, settings, auth)  # the web UI under /ui/ (api/ui.py)
     return app
 
 

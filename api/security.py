@@ -1,13 +1,16 @@
-"""Bearer-token authentication, the request body cap, the loopback rule and the Host check
-of a server without a token."""
+"""Bearer-token authentication (and the web UI's session cookie), the request body cap, the
+loopback rule and the Host check of a server without a token."""
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import ipaddress
 import json
 import os
+import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from fastapi import HTTPException, Request, status
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -35,26 +38,94 @@ def is_loopback(host: str) -> bool:
         return False  # a hostname we would have to resolve: not provably loopback
 
 
+# The web UI (api/ui.py): a browser cannot add an Authorization header to a page load or to an
+# EventSource, so a login form trades the token for this cookie (HttpOnly, SameSite=Strict).
+SESSION_COOKIE = "dmsae_session"
+SESSION_TTL_S = 7 * 24 * 3600
+# Requests that change something and authenticate by the cookie must carry this header: a page
+# of another origin cannot add it without a CORS preflight, which this server never grants.
+UI_HEADER, UI_HEADER_VALUE = "X-Requested-With", "dmsae-ui"
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+def same_origin(request: Request) -> bool:
+    """False for a browser request another origin sent: its ``Origin`` (or, without one, its
+    ``Sec-Fetch-Site``) names another site than the ``Host`` it was sent to. Clients that are
+    not browsers send neither header and pass."""
+    origin = request.headers.get("origin")
+    if origin is None:
+        return request.headers.get("sec-fetch-site") in (None, "same-origin", "none")
+    host = request.headers.get("host", "").strip().lower()
+    return origin != "null" and urlsplit(origin.strip().lower()).netloc == host
+
+
+def _forbidden(detail: str) -> HTTPException:
+    return HTTPException(status.HTTP_403_FORBIDDEN, detail)
+
+
 class BearerAuth:
     """FastAPI dependency: 401 without a bearer token, 403 with a wrong one. No token
-    configured means no authentication (the server then binds loopback only)."""
+    configured means no authentication (the server then binds loopback only); a browser's
+    request of another origin that would change something is still refused (403).
+
+    Without an ``Authorization`` header, a valid UI session cookie (``session_cookie``) also
+    authenticates; a request that changes something then needs ``X-Requested-With: dmsae-ui``
+    and the same origin (CSRF)."""
 
     def __init__(self, token: str | None) -> None:
         self._token = token.encode() if token else None
 
+    @property
+    def open(self) -> bool:
+        """No token configured: nothing to log in with."""
+        return self._token is None
+
+    def check_token(self, given: str) -> bool:
+        return self._token is not None and hmac.compare_digest(given.strip().encode(), self._token)
+
+    def _sign(self, expires: int) -> str:
+        assert self._token is not None
+        msg = f"dmsae-ui-session-v1:{expires}".encode()
+        return hmac.new(self._token, msg, hashlib.sha256).hexdigest()
+
+    def session_cookie(self, now: float | None = None) -> str:
+        """A cookie value valid for ``SESSION_TTL_S``: the expiry time and an HMAC of it keyed
+        by the token (so it is not the token, and changing the token ends every session)."""
+        expires = int(time.time() if now is None else now) + SESSION_TTL_S
+        return f"{expires}.{self._sign(expires)}"
+
+    def session_valid(self, value: str | None) -> bool:
+        if self._token is None or not value:
+            return False
+        expires, _, sig = value.partition(".")
+        if not expires.isdigit() or int(expires) < time.time():
+            return False
+        return hmac.compare_digest(sig.encode(), self._sign(int(expires)).encode())
+
     def __call__(self, request: Request) -> None:
+        changes = request.method not in SAFE_METHODS
         if self._token is None:
+            if changes and not same_origin(request):
+                raise _forbidden("cross-origin request refused")
             return
-        header = request.headers.get("authorization", "")
-        scheme, _, given = header.partition(" ")
+        header = request.headers.get("authorization")
+        if header is None and self.session_valid(request.cookies.get(SESSION_COOKIE)):
+            if changes and (request.headers.get(UI_HEADER) != UI_HEADER_VALUE
+                            or not same_origin(request)):
+                raise _forbidden(
+                    f"a request authenticated by the UI session cookie that changes something "
+                    f"needs the header {UI_HEADER}: {UI_HEADER_VALUE} and the same origin"
+                )
+            return
+        scheme, _, given = (header or "").partition(" ")
         if scheme.lower() != "bearer" or not given.strip():
             raise HTTPException(
                 status.HTTP_401_UNAUTHORIZED,
                 "missing bearer token",
                 headers={"WWW-Authenticate": "Bearer"},
             )
-        if not hmac.compare_digest(given.strip().encode(), self._token):
-            raise HTTPException(status.HTTP_403_FORBIDDEN, "invalid token")
+        if not self.check_token(given):
+            raise _forbidden("invalid token")
 
 
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")

@@ -6,10 +6,19 @@ on), encodes the hooked activations with the cycle's SAE at its inference thresh
 the ``top`` highest activations per latent with a window of decoded tokens around each. A latent
 is named by its index in that cycle's SAE (``12``) or by its persistent id ``cycle:index``
 (``0:37`` = latent 37 of cycle 0, wherever the core has carried it since).
+
+``python -m dmsae_ray.inspect_latents RUN_DIR CYCLE`` computes the contexts of the core a cycle
+selected once and caches them as ``cycles/NNN/inspect.json`` (``write_cache``): the web UI's
+core browser (api/ui.py) runs it in a subprocess, so the service process never imports torch.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
+import os
+import sys
+import time
 from pathlib import Path
 
 import torch
@@ -209,3 +218,78 @@ def format_latents(results: list[dict]) -> str:
             lines.append(f"  {n:>3}. {h['value']:8.3f}  {h['text']}")
         lines.append("")
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- the UI's cache
+
+CACHE_FILE = "inspect.json"
+CACHE_VERSION = 1
+CACHE_DEFAULTS = {"top": 10, "window": 8, "source": "heldout"}
+
+
+def cache_path(run_dir: str | Path, cycle: int) -> Path:
+    """``cycles/NNN/inspect.json``: the contexts of the core cycle NNN selected."""
+    return Path(run_dir) / "cycles" / f"{cycle:03d}" / CACHE_FILE
+
+
+def cache_matches(data: object, cycle: int, params: dict | None = None) -> bool:
+    """A cache file written for this cycle with these parameters by this format version."""
+    want = CACHE_DEFAULTS | (params or {})
+    return (
+        isinstance(data, dict)
+        and data.get("version") == CACHE_VERSION
+        and data.get("cycle") == cycle
+        and all(data.get(k) == v for k, v in want.items())
+    )
+
+
+def write_cache(run_dir: str | Path, cycle: int, **params) -> Path:
+    """Compute the top contexts of every latent cycle ``cycle`` selected and write them,
+    atomically, to ``cache_path``. Written into a committed cycle's directory, which nothing
+    rewrites; an existing file with the same parameters is kept."""
+    params = CACHE_DEFAULTS | params
+    path = cache_path(run_dir, cycle)
+    if not path.parent.is_dir():
+        raise ConfigError(f"cycle {cycle} of {run_dir} is not committed")
+    try:
+        if cache_matches(json.loads(path.read_text()), cycle, params):
+            return path
+    except (FileNotFoundError, json.JSONDecodeError):
+        pass
+    started = time.time()
+    latents = inspect_latents(run_dir, None, cycle, params["top"], params["window"],
+                              params["source"])
+    data = {"version": CACHE_VERSION, "cycle": cycle, **params, "computed_at": time.time(),
+            "seconds": round(time.time() - started, 2), "latents": latents}
+    tmp = path.with_name(f".{CACHE_FILE}.{os.getpid()}")
+    tmp.write_text(json.dumps(data) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m dmsae_ray.inspect_latents",
+        description="cache the top contexts of the core a cycle selected in cycles/NNN/"
+        f"{CACHE_FILE} (what the web UI's core browser shows)",
+    )
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("cycle", type=int)
+    p.add_argument("--top", type=int, default=CACHE_DEFAULTS["top"])
+    p.add_argument("--window", type=int, default=CACHE_DEFAULTS["window"])
+    p.add_argument("--source", default=CACHE_DEFAULTS["source"], choices=SOURCES)
+    args = p.parse_args(argv)
+    if "OMP_NUM_THREADS" not in os.environ:  # a server's helper: leave it some cores
+        torch.set_num_threads(max(1, min(4, (os.cpu_count() or 2) // 2)))
+    try:
+        path = write_cache(args.run_dir, args.cycle, top=args.top, window=args.window,
+                           source=args.source)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

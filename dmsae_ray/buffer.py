@@ -129,8 +129,12 @@ class CachedActivations:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # One temporary name per process: runs sharing a cache may build it at the same time.
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        save_file({"acts": torch.cat(chunks)[:max_rows].contiguous()}, str(tmp))
-        tmp.replace(self.path)
+        try:
+            save_file({"acts": torch.cat(chunks)[:max_rows].contiguous()}, str(tmp))
+            tmp.replace(self.path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # a pid-named temp: no later build would replace it
+            raise
 
     def load(self) -> Tensor:
         return load_file(str(self.path))["acts"]

@@ -104,20 +104,26 @@ class RunDir:
         final = self.cycle_dir(cycle)
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{cycle:03d}."))
-        sae_dir = tmp / "sae"
-        write_saelens(sae_dir, sae, cfg, cycle, core_in, norm_factor)
-        # Our own full state (buffers, latent ids, normalised scale) for resume and transfer.
-        save_file(
-            {k: v.contiguous() for k, v in sae.state_dict().items()},
-            str(sae_dir / "dmsae_state.safetensors"),
-        )
-        atomic_write_json(sae_dir / "dmsae_hparams.json", sae.hparams())
-        atomic_write_json(sae_dir / "metrics.json", metrics)
-        atomic_write_json(tmp / "core.json", core_out)
-        _save_core_tensors(tmp / "core_encoder.safetensors", core)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        try:
+            sae_dir = tmp / "sae"
+            write_saelens(sae_dir, sae, cfg, cycle, core_in, norm_factor)
+            # Our own full state (buffers, latent ids, normalised scale) for resume and transfer.
+            save_file(
+                {k: v.contiguous() for k, v in sae.state_dict().items()},
+                str(sae_dir / "dmsae_state.safetensors"),
+            )
+            atomic_write_json(sae_dir / "dmsae_hparams.json", sae.hparams())
+            atomic_write_json(sae_dir / "metrics.json", metrics)
+            atomic_write_json(tmp / "core.json", core_out)
+            _save_core_tensors(tmp / "core_encoder.safetensors", core)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        except BaseException:
+            # A failed or interrupted write (disk full, a stop's KeyboardInterrupt) leaves no
+            # hidden copy of the SAE behind: nothing else ever removes it.
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
 
     def load_sae(self, cycle: int) -> MatryoshkaBatchTopKSAE:
         sae_dir = self.cycle_dir(cycle) / "sae"

@@ -477,7 +477,7 @@ def list_artifacts(run_dir: str | Path, prefix: str = "") -> list[dict[str, Any]
             path = Path(dirpath) / name
             try:
                 real = path.resolve(strict=True)
-            except (FileNotFoundError, RuntimeError):
+            except (OSError, RuntimeError):  # broken link; a loop (RuntimeError before 3.13)
                 continue
             if not real.is_relative_to(root) or not real.is_file():
                 continue
@@ -511,7 +511,7 @@ def resolve_artifact(run_dir: str | Path, rel: str) -> Path:
     root = Path(run_dir).resolve()
     try:
         target = root.joinpath(*parts).resolve(strict=True)
-    except (FileNotFoundError, RuntimeError):
+    except (OSError, RuntimeError):  # missing; a symlink loop (RuntimeError before 3.13)
         raise FileNotFoundError(rel) from None
     if not target.is_relative_to(root) or not target.is_file():
         raise FileNotFoundError(rel)

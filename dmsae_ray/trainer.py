@@ -135,7 +135,8 @@ class MetricWindow:
 
     def add(self, metrics: dict[str, Tensor]) -> None:
         row = torch.stack([torch.as_tensor(metrics[k]).detach().float() for k in self.KEYS])
-        self.steps = [*self.steps[-self.size + 1 :], row]
+        # Not steps[-size + 1:]: with size 1 that is steps[0:], every step ever added.
+        self.steps = [*self.steps, row][-self.size :]
 
     def _host(self) -> list[list[float]]:
         return torch.stack(self.steps).cpu().tolist() if self.steps else []

@@ -1,0 +1,482 @@
+"""dmsae_ray/service.py without a server or a cluster: job commands and resources, the Ray job
+wrapper against a fake client, the status rules, and safe reads of a run directory.
+
+tests/test_api.py has the main run_status table, config_digest's run_dir/defaults rule, the
+basic artefact confinement and the GPU reservation; the cases here are the others.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import pathlib
+import shlex
+import sys
+import types
+from enum import Enum
+from types import SimpleNamespace
+
+import pytest
+import requests
+
+from dmsae_ray import service
+from dmsae_ray.config import RunConfig, validate
+from dmsae_ray.heartbeat import Liveness
+from dmsae_ray.service import (
+    STOP_ENV,
+    ArtifactPathError,
+    JobInfo,
+    RayJobs,
+    RayUnavailable,
+    ServiceError,
+    config_digest,
+    entrypoint,
+    job_resources,
+    list_artifacts,
+    paginate,
+    prepare_run,
+    read_cycle,
+    read_state,
+    resolve_artifact,
+    run_status,
+    state_mtime,
+    submit_run,
+    submit_sweep,
+    sweep_entrypoint,
+)
+
+# ----------------------------------------------------------------------------- run config
+
+
+def test_prepare_run_pins_an_absolute_run_dir_in_request_json(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = validate({"sae": {"k": 16}, "run_dir": "somewhere/else"})
+    pinned, path = prepare_run(cfg, "runs/r1")
+    root = tmp_path / "runs" / "r1"
+    assert path == root / "request.json" and pinned.run_dir == str(root)
+    assert RunConfig.model_validate(json.loads(path.read_text())) == pinned
+    assert pinned.sae.k == 16
+    assert [p.name for p in root.iterdir()] == ["request.json"]  # written atomically
+    # A resume writes it again.
+    pinned2, _ = prepare_run(validate({"sae": {"k": 32}}), root)
+    assert json.loads(path.read_text())["sae"]["k"] == 32 and pinned2.run_dir == str(root)
+
+
+def test_config_digest_is_a_stable_hash_of_what_differs_from_the_defaults():
+    plain = config_digest(validate({}))
+    assert len(plain) == 64 and int(plain, 16) >= 0
+    assert config_digest(validate({"sae": {"k": 320}})) == plain  # the default, written out
+    a = validate({"sae": {"k": 16}, "train": {"lr": 1e-3}})
+    b = validate({"train": {"lr": 1e-3}, "sae": {"k": 16}})
+    assert config_digest(a) == config_digest(b) != plain
+    assert config_digest(validate({"sae": {"k": 17}, "train": {"lr": 1e-3}})) != config_digest(a)
+
+
+def test_entrypoints_quote_every_path_for_the_shell():
+    odd = "/runs/it's a $HOME; rm -rf x/request.json"
+    cmd = entrypoint(odd, command="/opt/venv/bin/dmsae")
+    assert shlex.split(cmd) == ["/opt/venv/bin/dmsae", "run", "--config", odd]
+    sweep = sweep_entrypoint("/s w/request.json", "/s w", command="dmsae")
+    assert sweep == "dmsae sweep --config '/s w/request.json' --sweep-dir '/s w'"
+    assert shlex.split(sweep_entrypoint(odd, "/a b")) == [
+        "dmsae", "sweep", "--config", odd, "--sweep-dir", "/a b",
+    ]
+
+
+def test_job_resources_on_cpu_reserve_nothing():
+    assert job_resources(validate({"ray": {"use_gpu": False, "num_workers": 0}})) == {}
+
+
+# ----------------------------------------------------------------------------- Ray jobs
+
+
+class Status(Enum):
+    RUNNING = "RUNNING"
+
+
+def details(submission_id="dmsae-a", job_id="raysubmit_1", status="RUNNING", **kw):
+    return SimpleNamespace(
+        submission_id=submission_id, job_id=job_id, status=status,
+        message=kw.get("message"), start_time=kw.get("start_time"),
+        end_time=kw.get("end_time"), metadata=kw.get("metadata"),
+    )
+
+
+class FakeClient:
+    """JobSubmissionClient's methods RayJobs calls, recording each call; ``fail`` maps a method
+    name to the exception it raises."""
+
+    def __init__(self, jobs=None, fail=None):
+        self.jobs = jobs or {}
+        self.fail = fail or {}
+        self.calls: list[tuple[str, tuple, dict]] = []
+
+    def _record(self, name, *args, **kwargs):
+        self.calls.append((name, args, kwargs))
+        if name in self.fail:
+            raise self.fail[name]
+
+    def get_job_info(self, job_id):
+        self._record("get_job_info", job_id)
+        if job_id not in self.jobs:
+            raise RuntimeError(f"Job {job_id} does not exist")
+        return self.jobs[job_id]
+
+    def list_jobs(self):
+        self._record("list_jobs")
+        return list(self.jobs.values())
+
+    def submit_job(self, **kwargs):
+        self._record("submit_job", **kwargs)
+        return kwargs["submission_id"]
+
+    def stop_job(self, job_id):
+        self._record("stop_job", job_id)
+        return job_id in self.jobs
+
+    def delete_job(self, job_id):
+        self._record("delete_job", job_id)
+        return job_id in self.jobs
+
+    def get_job_logs(self, job_id):
+        self._record("get_job_logs", job_id)
+        return f"logs of {job_id}"
+
+    def _do_request(self, method, path):
+        self._record("_do_request", method, path)
+        return self.response
+
+
+def jobs_with(client, **kw):
+    jobs = RayJobs("http://127.0.0.1:1", **kw)
+    jobs._client = client  # what the lazy constructor would have made
+    return jobs
+
+
+def names(client):
+    return [c[0] for c in client.calls]
+
+
+def test_job_info_converts_ray_job_details():
+    info = service._job_info(details(status=Status.RUNNING, start_time=1_500, end_time=0,
+                                     message="m", metadata={"run": "r1"}))
+    assert info == JobInfo("dmsae-a", "RUNNING", "m", 1.5, None, {"run": "r1"})
+    assert not info.terminal
+    assert info.as_dict() == {"job_id": "dmsae-a", "status": "RUNNING", "message": "m",
+                              "start_time": 1.5, "end_time": None}
+    bare = service._job_info(details(submission_id=None, status="FAILED", metadata=None))
+    assert bare.job_id == "raysubmit_1" and bare.metadata == {} and bare.terminal
+    assert {s: JobInfo("j", s).terminal for s in ("PENDING", "RUNNING", "STOPPED", "SUCCEEDED",
+                                                   "FAILED")} == {
+        "PENDING": False, "RUNNING": False, "STOPPED": True, "SUCCEEDED": True, "FAILED": True,
+    }
+
+
+def test_job_status_is_cached_and_invalidated():
+    client = FakeClient({"dmsae-a": details()})
+    jobs = jobs_with(client, cache_ttl=1e9)
+    assert jobs.info("dmsae-a").status == "RUNNING"
+    assert jobs.info("dmsae-a").status == "RUNNING"
+    assert names(client) == ["get_job_info"]
+    assert jobs.info("dmsae-gone") is None and jobs.info("dmsae-gone") is None  # cached too
+    assert names(client) == ["get_job_info"] * 2
+    jobs.invalidate("dmsae-a")
+    jobs.info("dmsae-a")
+    assert names(client) == ["get_job_info"] * 3
+    uncached = FakeClient({"dmsae-a": details()})
+    jobs0 = jobs_with(uncached, cache_ttl=0)
+    jobs0.info("dmsae-a")
+    jobs0.info("dmsae-a")
+    assert names(uncached) == ["get_job_info"] * 2
+
+
+def test_job_server_errors_are_told_apart():
+    refused = FakeClient(fail={"get_job_info": RuntimeError("500 internal error")})
+    with pytest.raises(ServiceError, match="500 internal error"):
+        jobs_with(refused).info("dmsae-a")
+    for err in (ConnectionError("refused"), requests.exceptions.ConnectTimeout("slow")):
+        client = FakeClient(fail={"get_job_info": err})
+        jobs = jobs_with(client)
+        with pytest.raises(RayUnavailable, match="unreachable"):
+            jobs.info("dmsae-a")
+        assert jobs._client is None  # recreated on the next call
+
+
+def test_submit_passes_the_command_env_metadata_and_resources():
+    client = FakeClient()
+    jobs = jobs_with(client)
+    job_id = jobs.submit("dmsae run --config x", "dmsae-1", {"attempt": 2},
+                         {"entrypoint_num_gpus": 1})
+    assert job_id == "dmsae-1"
+    [(_, _, kw)] = client.calls
+    assert kw == {
+        "entrypoint": "dmsae run --config x", "submission_id": "dmsae-1",
+        "metadata": {"attempt": "2"}, "runtime_env": {"env_vars": STOP_ENV},
+        "entrypoint_num_gpus": 1,
+    }
+    bare = FakeClient()
+    jobs_with(bare, env_vars={}).submit("c", "dmsae-2")
+    assert bare.calls[0][2]["runtime_env"] is None and bare.calls[0][2]["metadata"] == {}
+    refused = FakeClient(fail={"submit_job": RuntimeError("job dmsae-1 already exists")})
+    with pytest.raises(ServiceError, match="Ray refused the job: job dmsae-1 already exists"):
+        jobs_with(refused).submit("c", "dmsae-1")
+
+
+def test_a_submission_invalidates_its_cached_status():
+    client = FakeClient()
+    jobs = jobs_with(client, cache_ttl=1e9)
+    assert jobs.info("dmsae-1") is None  # not yet submitted: cached as unknown
+    jobs.submit("c", "dmsae-1")
+    client.jobs["dmsae-1"] = details("dmsae-1", status="PENDING")
+    assert jobs.info("dmsae-1").status == "PENDING"
+
+
+def test_stop_delete_and_logs_of_unknown_jobs():
+    client = FakeClient({"dmsae-a": details()})
+    jobs = jobs_with(client)
+    assert jobs.stop("dmsae-a") is True and jobs.stop("dmsae-b") is False
+    assert jobs.delete("dmsae-a") is True
+    assert jobs.logs("dmsae-a") == "logs of dmsae-a"
+    failing = FakeClient(fail={n: RuntimeError("404") for n in
+                               ("stop_job", "delete_job", "get_job_logs")})
+    jobs = jobs_with(failing)
+    assert jobs.stop("x") is False and jobs.delete("x") is False and jobs.logs("x") is None
+    down = FakeClient(fail={"stop_job": ConnectionError("down")})
+    with pytest.raises(RayUnavailable):
+        jobs_with(down).stop("x")
+
+
+def test_all_lists_submitted_jobs_only_and_caches_them():
+    client = FakeClient({"dmsae-a": details(), "driver": details(submission_id=None,
+                                                                   job_id="01000000")})
+    jobs = jobs_with(client, cache_ttl=1e9)
+    assert list(jobs.all()) == ["dmsae-a"]
+    jobs.all()
+    assert names(client) == ["list_jobs"]
+    jobs.invalidate()
+    jobs.all()
+    assert names(client) == ["list_jobs"] * 2
+
+
+def test_ping_reads_the_ray_version():
+    client = FakeClient()
+    client.response = SimpleNamespace(status_code=200, json=lambda: {"ray_version": "2.60.0"})
+    assert jobs_with(client).ping() == "2.60.0"
+    assert client.calls == [("_do_request", ("GET", "/api/version"), {})]
+    client.response = SimpleNamespace(status_code=503, json=lambda: {})
+    with pytest.raises(RayUnavailable, match="503"):
+        jobs_with(client).ping()
+    client.response = SimpleNamespace(status_code=200, json=lambda: {"version": "4"})
+    with pytest.raises(RayUnavailable, match="no ray_version"):
+        jobs_with(client).ping()
+
+
+def test_the_client_is_made_lazily_and_its_failures_are_unavailability(monkeypatch):
+    made = []
+
+    def make(address):
+        made.append(address)
+        if address == "down":
+            raise ConnectionError("connection refused")
+        if address == "odd":
+            raise ValueError("version mismatch")
+        return FakeClient()
+
+    module = types.ModuleType("ray.job_submission")
+    module.JobSubmissionClient = make
+    monkeypatch.setitem(sys.modules, "ray.job_submission", module)  # no Ray import
+    jobs = RayJobs("http://head:8265")
+    assert made == []
+    assert isinstance(jobs.client, FakeClient) and jobs.client is jobs.client
+    assert made == ["http://head:8265"]
+    with pytest.raises(RayUnavailable, match="unreachable"):
+        _ = RayJobs("down").client
+    with pytest.raises(RayUnavailable, match="unusable: version mismatch"):
+        _ = RayJobs("odd").client
+
+
+def test_submit_run_and_submit_sweep_build_the_job(tmp_path):
+    client = FakeClient()
+    jobs = jobs_with(client, env_vars={})
+    jobs.command = "/venv/bin/dmsae"
+    cfg = validate({"ray": {"use_gpu": True, "num_workers": 0}})
+    submit_run(jobs, cfg, tmp_path / "run one", "dmsae-r", {"name": "r"})
+    kw = client.calls[-1][2]
+    request = tmp_path / "run one" / "request.json"
+    assert shlex.split(kw["entrypoint"]) == ["/venv/bin/dmsae", "run", "--config", str(request)]
+    assert kw["entrypoint_num_gpus"] == 1 and kw["metadata"] == {"name": "r"}
+    assert json.loads(request.read_text())["run_dir"] == str(tmp_path / "run one")
+    submit_sweep(jobs, tmp_path / "s" / "request.json", tmp_path / "s", "dmsae-s")
+    kw = client.calls[-1][2]
+    assert kw["entrypoint"].startswith("/venv/bin/dmsae sweep --config ")
+    assert "entrypoint_num_gpus" not in kw
+
+
+# ----------------------------------------------------------------------------- status
+
+
+def job(status, start=100.0, message=None):
+    return JobInfo("j", status, message=message, start_time=start)
+
+
+def test_run_status_from_the_directory_alone_uses_the_heartbeat():
+    running = {"status": "running", "error": None}
+    dead = Liveness(False, "pid 42 is gone", 3.0)
+    alive = Liveness(True, "beat 2 s ago", 2.0)
+    status, err = run_status(running, None, ray_reachable=False, driver=dead)
+    assert status == "failed" and "pid 42 is gone" in err
+    assert run_status(running, None, ray_reachable=False, driver=alive) == ("running", None)
+    assert run_status({"status": "created"}, None, ray_reachable=False) == ("pending", None)
+    failed = {"status": "failed", "error": "ValueError: x"}
+    assert run_status(failed, None, ray_reachable=False, driver=dead) == ("failed",
+                                                                          "ValueError: x")
+    stopped = {"status": "stopped", "error": None}
+    assert run_status(stopped, None, ray_reachable=False, driver=dead) == ("stopped", None)
+
+
+def test_run_status_other_job_cases():
+    running = {"status": "running", "error": None}
+    failed = {"status": "failed", "error": "OSError: disk full"}
+    assert run_status(failed, None) == ("failed", "OSError: disk full")  # job deleted since
+    assert run_status(None, None)[0] == "failed"  # a reachable cluster forgot the job
+    assert run_status(None, job("PENDING"), stop_requested=True) == ("stopping", None)
+    # Without the job's start time a "stopped" state cannot be told fresh: still running.
+    assert run_status({"status": "stopped"}, job("RUNNING", start=None),
+                      state_time=500.0) == ("running", None)
+    assert run_status({"status": "completed"}, job("STOPPED")) == ("completed", None)
+    assert run_status(None, job("SUCCEEDED")) == (
+        "failed", "the job exited without completing the run")
+    assert run_status(running, job("FAILED", message="exit code 137")) == (
+        "failed", "exit code 137")
+    assert run_status(None, job("FAILED")) == ("failed", "the Ray job failed")
+    assert run_status(failed, job("STOPPED")) == ("stopped", None)  # the stop decides
+
+
+# ----------------------------------------------------------------------------- run directory
+
+
+def test_read_state_missing_valid_and_retried_once(tmp_path, monkeypatch):
+    assert read_state(tmp_path) is None
+    assert state_mtime(tmp_path) is None
+    path = tmp_path / "state.json"
+    path.write_text('{"status": "running"}')
+    assert read_state(tmp_path) == {"status": "running"}
+    assert state_mtime(tmp_path) == path.stat().st_mtime
+
+    path.write_text('{"status": "runn')  # a writer that is not atomic, caught mid-write
+    retries = []
+
+    def finish_the_write(seconds):  # instead of waiting: the writer finishes meanwhile
+        retries.append(seconds)
+        path.write_text('{"status": "completed"}')
+
+    monkeypatch.setattr(service.time, "sleep", finish_the_write)
+    assert read_state(tmp_path) == {"status": "completed"}
+    assert len(retries) == 1
+
+    path.write_text("{")
+    monkeypatch.setattr(service.time, "sleep", lambda s: retries.append(s))
+    with pytest.raises(json.JSONDecodeError):
+        read_state(tmp_path)  # still broken after the retry: an error, not "no state"
+    assert len(retries) == 2
+
+
+def test_read_cycle_combines_summary_core_metrics_and_artifacts(tmp_path):
+    d = tmp_path / "cycles" / "001"
+    (d / "sae").mkdir(parents=True)
+    (d / "core.json").write_text('{"ids": [[0, 1]]}')
+    (d / "sae" / "metrics.json").write_text('{"fve": 0.9}')
+    (d / ".core.json.tmp").write_text("half")
+    state = {"cycles": [{"cycle": 0}, {"cycle": 1, "core_size": 1}]}
+    (tmp_path / "state.json").write_text(json.dumps(state))
+    out = read_cycle(tmp_path, 1)
+    assert out["cycle"] == 1 and out["summary"] == {"cycle": 1, "core_size": 1}
+    assert out["core"] == {"ids": [[0, 1]]} and out["metrics"] == {"fve": 0.9}
+    assert [a["path"] for a in out["artifacts"]] == ["cycles/001/core.json",
+                                                     "cycles/001/sae/metrics.json"]
+    assert read_cycle(tmp_path, 1, state={"cycles": []})["summary"] is None
+    assert read_cycle(tmp_path, 2) is None  # not committed
+    (tmp_path / "cycles" / "000").mkdir()  # written, not yet in state.json; no files yet
+    assert read_cycle(tmp_path, 0, state={}) == {
+        "cycle": 0, "summary": None, "core": None, "metrics": None, "artifacts": [],
+    }
+
+
+def test_list_artifacts_follows_links_only_inside_and_skips_broken_ones(tmp_path):
+    root = tmp_path / "run"
+    (root / "cycles" / "000").mkdir(parents=True)
+    (root / "cycles" / "000" / "core.json").write_text("12345")
+    (root / "config.json").write_text("{}")
+    (root / ".state.json.x1y2").write_text("{")
+    (root / "latest").symlink_to(root / "cycles" / "000" / "core.json")
+    (root / "broken").symlink_to(root / "nowhere")
+    (root / "loop_a").symlink_to(root / "loop_b")
+    (root / "loop_b").symlink_to(root / "loop_a")
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "secret").write_text("x")
+    (root / "ext").symlink_to(tmp_path / "outside", target_is_directory=True)
+    items = list_artifacts(root)
+    assert [a["path"] for a in items] == ["config.json", "latest", "cycles/000/core.json"]
+    assert items[2]["size"] == 5 and isinstance(items[2]["modified"], float)
+    assert [a["path"] for a in list_artifacts(root, prefix="cycles")] == ["cycles/000/core.json"]
+    assert list_artifacts(root, prefix="nope") == []
+    assert list_artifacts(tmp_path / "missing") == []
+
+
+def test_resolve_artifact_more_confinement_cases(tmp_path):
+    root = tmp_path / "run"
+    (root / "cycles" / "000").mkdir(parents=True)
+    core = root / "cycles" / "000" / "core.json"
+    core.write_text("{}")
+    (root / "latest").symlink_to(core)
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "secret").write_text("x")
+    (root / "ext").symlink_to(tmp_path / "outside", target_is_directory=True)
+    (root / "loop_a").symlink_to(root / "loop_b")
+    (root / "loop_b").symlink_to(root / "loop_a")
+    assert resolve_artifact(root, "latest") == core  # a link inside the run dir is fine
+    assert resolve_artifact(root, "cycles/./000/core.json") == core
+    for malformed in (".", "./", "..", "cycles/..", "a/../../b", "\\\\server\\share"):
+        with pytest.raises(ArtifactPathError):
+            resolve_artifact(root, malformed)
+    for refused in ("ext/secret", "loop_a", ".hidden", "cycles/000/.core.json.tmp", "cycles/000"):
+        with pytest.raises(FileNotFoundError):
+            resolve_artifact(root, refused)
+
+
+def test_a_symlink_loop_is_not_found_whatever_the_python(tmp_path, monkeypatch):
+    """Python 3.13 raises OSError(ELOOP) for a loop where 3.11 raised RuntimeError: both mean
+    'not found' to the service, never an unhandled error."""
+    root = tmp_path / "run"
+    root.mkdir()
+    (root / "ok.json").write_text("{}")
+    (root / "loop").symlink_to(root / "loop")
+    real = pathlib.Path.resolve
+
+    def resolve_313(self, strict=False):
+        if strict and self.name == "loop":
+            raise OSError(errno.ELOOP, "Too many levels of symbolic links", str(self))
+        return real(self, strict=strict)
+
+    monkeypatch.setattr(pathlib.Path, "resolve", resolve_313)
+    with pytest.raises(FileNotFoundError):
+        resolve_artifact(root, "loop")
+    assert [a["path"] for a in list_artifacts(root)] == ["ok.json"]
+
+
+def test_paginate_filters_then_pages():
+    views = [{"id": i, "status": "running" if i % 2 else "completed"} for i in range(7)]
+    page = paginate(views, None, 3, 0)
+    assert [v["id"] for v in page["items"]] == [0, 1, 2]
+    assert (page["total"], page["limit"], page["offset"], page["next_offset"]) == (7, 3, 0, 3)
+    last = paginate(views, None, 3, 6)
+    assert [v["id"] for v in last["items"]] == [6] and last["next_offset"] is None
+    exact = paginate(views, None, 7, 0)
+    assert len(exact["items"]) == 7 and exact["next_offset"] is None
+    running = paginate(views, "running", 2, 0)
+    assert [v["id"] for v in running["items"]] == [1, 3] and running["total"] == 3
+    assert running["next_offset"] == 2
+    assert paginate(views, "running", 2, 2)["next_offset"] is None
+    beyond = paginate(views, None, 5, 50)
+    assert beyond["items"] == [] and beyond["total"] == 7 and beyond["next_offset"] is None
+    assert paginate(views, "failed", 10, 0)["total"] == 0

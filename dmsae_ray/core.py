@@ -69,7 +69,8 @@ class CoreSelection:
     indices: list[int]  # latent indices in the cycle's SAE, in selection order
     ids: list[LatentId]
     scores: list[float]  # pooled attribution of each selected latent
-    fraction: float  # fraction of the candidates' total attribution reached
+    fraction: float | None  # fraction of the candidates' total attribution reached (None:
+    # no attribution was computed)
     candidate_scores: list[float]  # all candidates [0, c + m_0)
 
 

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from dmsae_ray.config import ConfigError, RunConfig, check_layer
-from dmsae_ray.core import Core, jaccard, select_core, selection_counts
+from dmsae_ray.core import Core, CoreSelection, jaccard, select_core, selection_counts
 from dmsae_ray.heartbeat import Heartbeat
 from dmsae_ray.lm import num_layers_of
 from dmsae_ray.rundir import RunDir
@@ -95,8 +95,13 @@ def previous_core(cfg: RunConfig, rd: RunDir, cycle: int) -> Core | None:
 
 
 def run_cycle(
-    cfg: RunConfig, rd: RunDir, backend: Backend, state: State, cycle: int, log: Log
+    cfg: RunConfig, rd: RunDir, backend: Backend, state: State, cycle: int, log: Log,
+    select: bool = True,
 ) -> dict:
+    """One cycle: train, evaluate, attribute, select, write, return its summary (the commit is
+    the caller's). ``select=False`` skips attribution and selects nothing: for SAEs whose
+    evaluation is all that is wanted (``dmsae transfer``), attribution through the full LM is
+    the most expensive stage."""
     norm_factor = norm_factor_of(cfg, backend, state)
     core = previous_core(cfg, rd, cycle)
     core_ids = [] if core is None else core.ids
@@ -106,9 +111,14 @@ def run_cycle(
     metrics = backend.evaluate(sae, norm_factor)
     # Per-latent, so it goes with the selection in core.json, not into every state.json write.
     density = metrics.pop("candidate_density", None)
-    state.set_stage("attribute", cycle=cycle)
-    pooled = backend.attribute(sae, norm_factor)
-    sel = select_core(sae, pooled, cfg.distill.tau, cfg.distill.core_mode, cfg.distill.max_core)
+    if select:
+        state.set_stage("attribute", cycle=cycle)
+        pooled = backend.attribute(sae, norm_factor)
+        sel = select_core(
+            sae, pooled, cfg.distill.tau, cfg.distill.core_mode, cfg.distill.max_core
+        )
+    else:
+        sel = CoreSelection(indices=[], ids=[], scores=[], fraction=None, candidate_scores=[])
     n = sae.nested_width
     summary = {
         "cycle": cycle,
@@ -143,13 +153,14 @@ def run_cycle(
 
 def format_summary(s: dict) -> str:
     jac = "-" if s["jaccard"] is None else f"{s['jaccard']:.3f}"
+    frac = "no selection" if s["fraction"] is None else f"attribution {s['fraction']:.3f}"
     ev = s["eval"]
     over = ev.get("l0_overflow", 0.0)
     # A relu core firing past k takes L0 the budget cannot absorb: say so on the line itself.
     overflow = f", over k by {over:.1f}!" if over > 0 else ""
     return (
         f"[cycle {s['cycle']}] core {s['core_in']} -> {s['core_size']} "
-        f"(attribution {s['fraction']:.3f}), jaccard {jac}, L0 {ev['l0']:.1f} "
+        f"({frac}), jaccard {jac}, L0 {ev['l0']:.1f} "
         f"(core {ev['core_l0']:.1f}{overflow}), FVE {ev['fve']:.3f}, "
         f"CE recovered {ev['ce_loss_score']:.3f}"
     )
@@ -176,7 +187,10 @@ def finish(rd: RunDir, state: dict) -> None:
 
 
 def run(
-    cfg: RunConfig, log: Log = print, on_cycle: Callable[[dict], None] | None = None
+    cfg: RunConfig,
+    log: Log = print,
+    on_cycle: Callable[[dict], None] | None = None,
+    select: bool = True,
 ) -> dict:
     """Run (or resume) a distillation; returns the final state. ``on_cycle`` gets each cycle's
     summary once it is committed (a sweep reports it to Ray Tune)."""
@@ -196,7 +210,7 @@ def run(
         # Beats while this driver works, so a reader can tell a run that stopped without
         # recording its end (SIGKILL, a lost node) from one that runs (dmsae_ray/heartbeat.py).
         with Heartbeat(rd.root):
-            return _loop(cfg, rd, backend, state, log, on_cycle)
+            return _loop(cfg, rd, backend, state, log, on_cycle, select)
     finally:
         backend.close()
 
@@ -208,6 +222,7 @@ def _loop(
     state: State,
     log: Log,
     on_cycle: Callable[[dict], None] | None = None,
+    select: bool = True,
 ) -> dict:
     start = state.get()["cycle"]
     if start:
@@ -216,7 +231,7 @@ def _loop(
     try:
         for cycle in range(start, cfg.distill.cycles + 1):
             t0 = time.time()
-            summary = run_cycle(cfg, rd, backend, state, cycle, log)
+            summary = run_cycle(cfg, rd, backend, state, cycle, log, select)
             summary["seconds"] = time.time() - t0
             state.commit_cycle(summary)
             log(format_summary(summary))

@@ -179,7 +179,8 @@ def run_transfer(
                 run_dir = out / f"k{k}" / variant / f"seed{s}"
                 cfg = variant_config(base, k, s, inits[variant], run_dir)
                 log(f"[transfer] k={k} {variant} seed {s}: {run_dir}")
-                state = run(cfg, log)
+                # Only the trained SAE's evaluation is compared: no attribution, no selection.
+                state = run(cfg, log, select=False)
                 _check_scale(core_nf, state.get("norm_factor"), run_dir, log)
                 rows.append(row_of(k, variant, s, state, run_dir))
                 # Written after every run, so an interrupted transfer still leaves a table.

@@ -51,6 +51,9 @@ def test_every_k_and_seed_has_three_rows_from_real_runs(core_run, transfer):
         assert cfg["sae"]["width"] == 256 and cfg["train"]["tokens_per_cycle"] == 4096
         ev = state["cycles"][0]["eval"]
         assert all(r[m] == ev[m] for m in METRICS)  # the row is that run's own evaluation
+        # Only the evaluation is compared: no attribution through the LM, nothing selected.
+        assert state["cycles"][0]["fraction"] is None and state["cycles"][0]["core_size"] == 0
+        assert rd.load_core(0)["indices"] == []
         sae = rd.load_sae(0)
         assert sae.c == r["core_size"] == (0 if r["variant"] == "baseline" else c)
         assert 0 < r["l0"] and r["core_l0"] <= r["l0"]

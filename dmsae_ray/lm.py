@@ -8,6 +8,7 @@ a tuple; both are handled.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -68,7 +69,11 @@ def hidden_size_of(cfg: ModelConfig) -> int:
 
 def load_lm(cfg: ModelConfig, device: torch.device | None = None) -> nn.Module:
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    if not sys.stderr.isatty():
+        # A bar redrawn into a log (every Ray actor's, `ray job logs`) is one long line of \r.
+        hf_logging.disable_progress_bar()
     device = device or default_device()
     kwargs: dict = {"dtype": pick_dtype(cfg.dtype, device), "revision": cfg.revision}
     if cfg.attn_implementation:

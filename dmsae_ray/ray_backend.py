@@ -44,6 +44,9 @@ class RayBackend:
         # with it; reproducibility comes from each row's token position (README).
         # Bars redrawn into a log file (ray job logs, CI) are thousands of lines of noise.
         ctx.enable_progress_bars = sys.stdout.isatty()
+        # One line per Dataset run ("execution finished in ..."), not its id, log path and
+        # plan up front as well.
+        ctx.print_on_execution_start = False
         # The driver needs only the tokenizer and the held-out blocks; the LM lives in actors.
         self.data = load_token_data(cfg.data, load_tokenizer(cfg.model))
         self.d_in = hidden_size_of(cfg.model)

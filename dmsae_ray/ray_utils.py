@@ -11,9 +11,11 @@ import time
 import ray
 
 from dmsae_ray.config import ConfigError, RayConfig
+from dmsae_ray.ray_log import drop_known_noise, setup_local_worker
 
 
 def connect(cfg: RayConfig) -> None:
+    drop_known_noise()
     if ray.is_initialized():
         return
     # ray.init installs its own SIGTERM handler; keep ours so `ray job stop` ends the run as
@@ -23,14 +25,19 @@ def connect(cfg: RayConfig) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        # Without a dashboard Train V2 polls a state API that is not there (RAY_NOTES 3).
+        # Set before ray.init, so the cluster's every process inherits them
+        # (docs/architecture.md, "Ray on small machines"):
+        # without a dashboard Train V2 polls a state API that is not there (RAY_NOTES 3);
         os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_ACTOR_RECONCILIATION", "0")
+        # no node of a cluster on this one machine is preempted: no watcher actor per cycle.
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
         # Logical CPUs above the physical count: trainer workers, activation actors and Data
         # tasks each claim one, and on 2 cores an exact count deadlocks (RAY_NOTES pitfall 1).
         ray.init(
             num_cpus=max(4, os.cpu_count() or 1),
             include_dashboard=False,
             _temp_dir=os.environ.get("DMSAE_RAY_TMP", "/tmp/ray_dmsae"),
+            runtime_env={"worker_process_setup_hook": setup_local_worker},
         )
     if callable(handler) and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, handler)

@@ -12,8 +12,9 @@ import itertools
 import json
 import os
 import shutil
+import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,7 @@ from dmsae_ray.buffer import CachedActivations, shuffled_batches
 from dmsae_ray.config import RunConfig, validate
 from dmsae_ray.coordinator import NAMESPACE
 from dmsae_ray.core import Core, build_sae
+from dmsae_ray.ray_log import drop_known_noise
 from dmsae_ray.sae import MatryoshkaBatchTopKSAE
 from dmsae_ray.trainer import MetricWindow, SAELoss, SAETrainer
 
@@ -35,7 +37,13 @@ FAULT_ENV = "DMSAE_FAULT_INJECT_STEP"  # tests: fail once at this step, before a
 
 
 def _batches(
-    shard, batch_size: int, device: torch.device, seed: int, cache_bytes: int, done: int = 0
+    shard,
+    batch_size: int,
+    device: torch.device,
+    seed: int,
+    cache_bytes: int,
+    done: int = 0,
+    keep: Callable[[Tensor], Tensor] | None = None,
 ) -> Iterator[Tensor]:
     """Endless batches: a corpus smaller than the tokens of a cycle is read for several epochs.
 
@@ -47,6 +55,9 @@ def _batches(
     A larger share streams (first epoch from what was read so far, then the rest) through a
     seeded shuffle buffer, in arrival order; a resumed cycle restarts that stream instead of
     skipping, since skipping would mean computing ``done`` batches of activations to drop them.
+
+    ``keep`` (a mask of the rows' positions): the worker's share is the rows it keeps of an
+    unsplit ``shard`` (``shard_by_block``), not the rows Ray Data happened to hand it.
     """
     def to_device(x: Tensor) -> Tensor:
         # Pinned host memory lets the copy to the GPU overlap the previous step.
@@ -54,7 +65,11 @@ def _batches(
 
     def stream() -> Iterator[dict[str, Tensor]]:
         dtypes = {"x": torch.float32, "pos": torch.int64}
-        return iter(shard.iter_torch_batches(batch_size=batch_size, dtypes=dtypes))
+        batches = shard.iter_torch_batches(batch_size=batch_size, dtypes=dtypes)
+        if keep is None:
+            return iter(batches)
+        masked = ((b, keep(b["pos"])) for b in batches)
+        return ({k: v[m] for k, v in b.items()} for b, m in masked if m.any())
 
     first = stream()
     kept: list[dict[str, Tensor]] = []
@@ -81,6 +96,7 @@ def _batches(
 
 
 def train_loop_per_worker(config: dict) -> None:
+    drop_known_noise()  # also on a cluster we did not start (no worker setup hook there)
     cfg = validate(config["cfg"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -88,7 +104,8 @@ def train_loop_per_worker(config: dict) -> None:
     device = ray.train.torch.get_device()
     core = None
     if config["core"] is not None:
-        vectors, bias = (torch.from_numpy(config["core"][k]) for k in ("vectors", "bias"))
+        # A copy: arrays out of the object store are read-only, and torch warns about them.
+        vectors, bias = (torch.tensor(config["core"][k]) for k in ("vectors", "bias"))
         core = Core(vectors, [tuple(i) for i in config["core_ids"]], bias)
     sae = build_sae(cfg, config["d_in"], config["cycle"], core).to(device)
     sae.fast = cfg.train.fast_path
@@ -99,11 +116,18 @@ def train_loop_per_worker(config: dict) -> None:
     if ckpt:
         with ckpt.as_directory() as d:
             trainer.load_state_dict(torch.load(Path(d) / "trainer.pt", map_location=device))
-        print(f"[cycle {config['cycle']}] resuming from step {trainer.step_count}", flush=True)
+        if rank == 0:
+            say(f"[cycle {config['cycle']}] resuming from step {trainer.step_count}")
     shard = ray.train.get_dataset_shard("train")
-    batches = _batches(
-        shard, per_worker, device, seed, cfg.train.epoch_cache_mb * 2**20, trainer.step_count
-    )
+    keep = None
+    if config.get("shard_by_block"):
+        blocks = cfg.data.context_length
+
+        def keep(pos: Tensor) -> Tensor:
+            return (pos // blocks) % world == rank
+
+    cache_bytes = cfg.train.epoch_cache_mb * 2**20
+    batches = _batches(shard, per_worker, device, seed, cache_bytes, trainer.step_count, keep)
     norm_factor = float(config["norm_factor"])
     batches = (x / norm_factor for x in batches)
     if not ckpt:
@@ -127,13 +151,40 @@ def train_loop_per_worker(config: dict) -> None:
         if step % cfg.train.log_every == 0 and step < total:
             _report(trainer, window, rank, step % cfg.train.checkpoint_every == 0)
             if rank == 0:
-                print(window.line(label, step, total), flush=True)
+                say(window.line(label, step, total))
                 if coordinator:
                     coordinator.set_progress.remote(tokens_done=step * cfg.train.batch_size)
     metrics = window.mean() | {"steps": total, "resumed_from": resumed_from}
     if rank == 0:
         save_final(sae, Path(config["final_dir"]), metrics)
     _report(trainer, window, rank, checkpoint=True, final=True, resumed_from=resumed_from)
+
+
+def say(line: str) -> None:
+    """One line to the console, once. Not ``print``: Ray Train patches ``print`` in its worker
+    and controller processes to log through the root logger, and since Ray's workers replace
+    ``sys.stdout`` it also writes to it, so every printed line reached the log twice."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+class FailureLine(ray.train.UserCallback):
+    """A worker failure as one line that says a retry follows: the worker's traceback shows,
+    but Train logs its decision to retry at INFO, which ``LoggingConfig(log_level="WARNING")``
+    keeps off the console. Runs in the controller."""
+
+    def __init__(self, cycle: int, max_failures: int) -> None:
+        self.cycle, self.max_failures = cycle, max_failures
+
+    def after_exception(self, run_context, worker_exceptions: dict[int, Exception]) -> None:
+        for rank, err in sorted(worker_exceptions.items()):
+            # the last line of a traceback-bearing message: the exception itself
+            last = (str(err).strip().splitlines() or [""])[-1]
+            say(
+                f"[cycle {self.cycle}] training worker {rank} failed: {last} (Ray Train "
+                f"retries from the last checkpoint, up to ray.max_failures="
+                f"{self.max_failures} times per cycle)"
+            )
 
 
 def _report(
@@ -177,6 +228,26 @@ def load_final(out: Path) -> tuple[MatryoshkaBatchTopKSAE, dict]:
     return sae, json.loads((out / "metrics.json").read_text())
 
 
+def shard_by_block(cfg: RunConfig, dataset: ray.data.Dataset, d_in: int) -> bool:
+    """Whether every training worker reads the whole dataset and keeps the token blocks
+    ``b`` with ``b mod num_workers == rank``, instead of the rows Ray Data's split hands it.
+
+    Ray Data's split hands each worker the blocks in the order the read tasks finish (a cache
+    of several files: different rows every run), and its ``equal`` mode drops up to
+    ``num_workers - 1`` rows: two runs with several workers then train on different batches.
+    Sharding by block makes them repeatable bit for bit, and a worker group restarted from a
+    checkpoint (a lost node) sees the batches of an uninterrupted run. Each worker then reads
+    the whole dataset once per cycle, so it is done only where that read is bounded like a
+    single worker's: parquet-cached activations (``data.cache_activations``; no LM runs again)
+    that fit ``train.epoch_cache_mb`` as a whole. Otherwise the split stays (statistically
+    repeatable runs).
+    """
+    if cfg.ray.num_workers < 2 or not cfg.data.cache_activations:
+        return False
+    rows = dataset.count()  # of the cached parquet: a short Ray Data job, no LM
+    return rows * d_in * 4 <= cfg.train.epoch_cache_mb * 2**20  # float32, as workers hold it
+
+
 def train_sae(
     cfg: RunConfig,
     run_root: Path,
@@ -187,7 +258,13 @@ def train_sae(
     dataset: ray.data.Dataset,
     coordinator: str | None,
 ) -> tuple[MatryoshkaBatchTopKSAE, dict]:
-    from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
+    from ray.train import (
+        CheckpointConfig,
+        DataConfig,
+        FailureConfig,
+        LoggingConfig,
+        ScalingConfig,
+    )
     from ray.train.torch import TorchConfig, TorchTrainer
 
     r = cfg.ray
@@ -195,6 +272,7 @@ def train_sae(
     storage = run_root.resolve() / "ray_train"
     final_dir = storage / f"cycle-{cycle:03d}" / "final"
     resources = {"CPU": r.cpus_per_worker} | ({"GPU": 1} if r.use_gpu else {})
+    by_block = shard_by_block(cfg, dataset, d_in)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -210,6 +288,7 @@ def train_sae(
             "coordinator": coordinator,
             "fail_at_step": int(fail_at) if fail_at else None,
             "final_dir": str(final_dir),
+            "shard_by_block": by_block,
         },
         scaling_config=ScalingConfig(
             num_workers=r.num_workers, use_gpu=r.use_gpu, resources_per_worker=resources
@@ -219,9 +298,21 @@ def train_sae(
             storage_path=str(storage),
             failure_config=FailureConfig(max_failures=r.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
+            # Train's INFO lines (worker group started, a TrainingReport(...) dump per report,
+            # checkpoint paths) stay in its log files; a failure is one line of ours instead.
+            logging_config=LoggingConfig(log_level="WARNING"),
+            callbacks=[FailureLine(cycle, r.max_failures)],
         ),
         torch_config=TorchConfig(backend="nccl" if r.use_gpu else "gloo", timeout_s=600),
         datasets={"train": dataset},
+        # An unsplit dataset: each worker reads it whole and keeps its own blocks.
+        dataset_config=DataConfig(
+            datasets_to_split=[] if by_block else "all",
+            # The ingest options Train would copy from this DataContext anyway, as they are:
+            # Train 2.60 rebuilds them through the deprecated `exclude_resources` setter, which
+            # warned in every cycle.
+            execution_options=ray.data.DataContext.get_current().execution_options,
+        ),
     )
     trainer.fit()
     sae, metrics = load_final(final_dir)

@@ -5,7 +5,9 @@ scoring actors -> coordinator; resume after a killed driver; a worker failure in
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -19,6 +21,7 @@ from conftest import tiny_config
 from dmsae_ray import pipeline
 from dmsae_ray.config import validate
 from dmsae_ray.coordinator import NAMESPACE, coordinator_name
+from dmsae_ray.ray_log import KNOWN_NOISE, _logger_name, drop_known_noise
 from dmsae_ray.rundir import RunDir
 from dmsae_ray.training import FAULT_ENV
 
@@ -59,6 +62,34 @@ def test_end_to_end_on_ray(ray_run):
         ray.get_actor(coordinator_name(run_dir), namespace=NAMESPACE)
 
 
+def assert_quiet_log(text: str) -> list[str]:
+    """The console of a run on Ray: each training progress line once (Ray Train's print patch
+    wrote them twice), no TrainingReport(...) dumps. Returns the progress lines."""
+    steps = re.findall(r"\[cycle \d+\] step \d+/\d+", text)
+    assert len(steps) == len(set(steps)), steps
+    assert "TrainingReport(" not in text
+    return steps
+
+
+def test_known_ray_noise_is_dropped_and_nothing_else():
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    drop_known_noise()
+    for name, prefix in KNOWN_NOISE:
+        name = _logger_name(name)
+        # a logger named by its module's file (Train's): that file must exist in this Ray
+        assert not name.endswith(".py") or os.path.isfile(name), name
+        logger = logging.getLogger(name)
+        logger.addHandler(handler)
+        try:
+            logger.warning(f"{prefix}: noise")
+            logger.warning("anything else")
+        finally:
+            logger.removeHandler(handler)
+    assert seen == ["anything else"] * len(KNOWN_NOISE)
+
+
 def _cli(config_path, env=None) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "dmsae_ray.cli", "run", "--config", str(config_path)],
@@ -70,8 +101,9 @@ def _cli(config_path, env=None) -> subprocess.Popen:
 
 
 def test_resume_after_the_driver_is_killed(ray_head, tiny_dir, tmp_path):
-    # One trainer worker: with two, Ray Data hands blocks to whichever worker asks first, so
-    # two runs differ in the last bits; with one, runs are reproducible and comparable.
+    # One trainer worker: the cheapest setting that is bitwise reproducible whatever the cache
+    # (several workers are too only when the parquet cache fits train.epoch_cache_mb, see
+    # training.shard_by_block; tests/test_multinode.py covers two workers and a lost node).
     one = {"ray": RAY | {"num_workers": 1}}
     reference = tmp_path / "reference"
     ref_state = pipeline.run(validate(ray_config(tiny_dir, reference, **one)), log=lambda s: None)
@@ -108,6 +140,7 @@ def test_resume_after_the_driver_is_killed(ray_head, tiny_dir, tmp_path):
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "resuming" in out.stdout
+    assert_quiet_log(out.stdout + out.stderr)
     assert "[cycle 1] core" not in out.stdout and "[cycle 2] core" in out.stdout
     assert (run_dir / "cycles/001/core.json").stat().st_mtime_ns == committed
     final = json.loads(state_path.read_text())
@@ -166,6 +199,7 @@ def test_ray_job_submit_runs_dmsae(ray_head, tiny_dir, tmp_path):
     logs = client.get_job_logs(job)
     assert client.get_job_status(job) == JobStatus.SUCCEEDED, logs[-3000:]
     assert "[cycle 0] core" in logs
+    assert assert_quiet_log(logs) == ["[cycle 0] step 8/16"]  # forwarded from the worker, once
     assert json.loads((run_dir / "state.json").read_text())["status"] == "completed"
 
 

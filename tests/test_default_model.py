@@ -139,3 +139,32 @@ def test_download_failure_is_clear(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     with pytest.raises(RuntimeError, match="127.0.0.1:9/nothing.tgz"):
         dm.fetch_stories15m(tmp_path, progress=lambda _: None)
     assert list(tmp_path.iterdir()) == []  # no half-written files left behind
+
+
+def test_build_once_is_atomic_and_tolerates_a_faster_builder(tmp_path: Path) -> None:
+    from dmsae_ray.default_model import build_once
+
+    out = tmp_path / "model"
+
+    def build(d: Path) -> None:
+        d.mkdir()
+        (d / "config.json").write_text("{}")
+
+    def fails(d: Path) -> None:
+        d.mkdir()
+        (d / "half").write_text("x")
+        raise RuntimeError("conversion failed")
+
+    with pytest.raises(RuntimeError, match="conversion failed"):
+        build_once(out, fails)
+    assert list(tmp_path.iterdir()) == []  # nothing half-written, no temp dir left
+    build_once(out, build)
+    assert (out / "config.json").read_text() == "{}"
+
+    def other(d: Path) -> None:  # another process finished first: its result stays
+        d.mkdir()
+        (d / "config.json").write_text('{"late": true}')
+
+    build_once(out, other)
+    assert (out / "config.json").read_text() == "{}"
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]

@@ -22,6 +22,7 @@ from dmsae_ray.export import write_saelens
 from dmsae_ray.jsonio import atomic_write_json, read_json
 from dmsae_ray.runfiles import CONFIG_FILE, STATE_FILE, cycle_dir, new_state
 from dmsae_ray.sae import MatryoshkaBatchTopKSAE
+from dmsae_ray.sae_files import load_sae, save_sae
 
 
 class RunDir:
@@ -94,14 +95,10 @@ class RunDir:
         tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{cycle:03d}."))
         try:
             sae_dir = tmp / "sae"
+            # Our own full state (buffers, latent ids, normalised scale) for resume and
+            # transfer, first: save_sae writes its directory as a whole, SAELens files beside.
+            save_sae(sae_dir, sae, metrics)
             write_saelens(sae_dir, sae, cfg, cycle, core_in, norm_factor)
-            # Our own full state (buffers, latent ids, normalised scale) for resume and transfer.
-            save_file(
-                {k: v.contiguous() for k, v in sae.state_dict().items()},
-                str(sae_dir / "dmsae_state.safetensors"),
-            )
-            atomic_write_json(sae_dir / "dmsae_hparams.json", sae.hparams())
-            atomic_write_json(sae_dir / "metrics.json", metrics)
             atomic_write_json(tmp / "core.json", core_out)
             _save_core_tensors(tmp / "core_encoder.safetensors", core)
             if final.exists():
@@ -114,11 +111,7 @@ class RunDir:
             raise
 
     def load_sae(self, cycle: int) -> MatryoshkaBatchTopKSAE:
-        sae_dir = self.cycle_dir(cycle) / "sae"
-        hp = read_json(sae_dir / "dmsae_hparams.json")
-        return MatryoshkaBatchTopKSAE.from_state(
-            hp, load_file(str(sae_dir / "dmsae_state.safetensors"))
-        )
+        return load_sae(self.cycle_dir(cycle) / "sae")[0]
 
     def load_core(self, cycle: int) -> dict:
         return read_json(self.cycle_dir(cycle) / "core.json")

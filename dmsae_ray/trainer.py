@@ -1,7 +1,7 @@
 """One cycle of SAE training in plain PyTorch (ALGORITHM.md section 7).
 
-Ray Train wraps this (``training.py``); nothing here knows about Ray, so the same step runs in a
-unit test, in the driver, and in every data-parallel worker.
+Ray Train wraps this (``training.py``); nothing here knows about Ray, so the same step and the
+same loop (``run_steps``) run in a unit test, in the driver, and in every data-parallel worker.
 """
 
 from __future__ import annotations
@@ -155,6 +155,34 @@ class MetricWindow:
         )
 
 
+def run_steps(
+    trainer: SAETrainer,
+    batches: Iterator[Tensor],
+    on_interval: Callable[[int, MetricWindow], None] | None = None,
+    before_step: Callable[[int], None] | None = None,
+) -> dict[str, float]:
+    """The training loop, the one both backends run: from the step ``trainer`` is at (0, or a
+    restored checkpoint's) to ``trainer.total_steps``, one batch of ``batches`` per step.
+
+    ``on_interval(step, window)`` follows every ``train.log_every``-th step and the last one,
+    with the window of the last ``log_every`` steps' metrics: the caller logs, reports progress
+    or, in a Ray Train worker, reports and checkpoints there. ``before_step(step)`` precedes
+    each step; an exception from it stops the loop before that step is taken.
+
+    Returns the last window's mean metrics and ``steps`` (the cycle's total). Resumed at the
+    last step, nothing runs and the window is empty: ``{"steps": total}`` only.
+    """
+    every, total = trainer.train_cfg.log_every, trainer.total_steps
+    window = MetricWindow(every)
+    for step in range(trainer.step_count + 1, total + 1):
+        if before_step is not None:
+            before_step(step)
+        window.add(trainer.step(next(batches)))
+        if on_interval is not None and (step % every == 0 or step == total):
+            on_interval(step, window)
+    return window.mean() | {"steps": total}
+
+
 def train_cycle(
     sae: MatryoshkaBatchTopKSAE,
     batches: Iterator[Tensor],
@@ -164,18 +192,18 @@ def train_cycle(
     label: str = "",
     progress: Callable[[int], None] | None = None,
 ) -> dict[str, float]:
-    """Train for ``train.tokens_per_cycle`` tokens; returns the final-window mean metrics."""
+    """Train for ``train.tokens_per_cycle`` tokens in this process; returns the final-window
+    mean metrics and ``steps``."""
     sae.fast = train.fast_path
     trainer = SAETrainer(sae, sae_cfg, train)
-    window = MetricWindow(train.log_every)
-    for step in range(1, trainer.total_steps + 1):
-        window.add(trainer.step(next(batches)))
-        if step % train.log_every == 0 or step == trainer.total_steps:
-            if progress:
-                progress(step * train.batch_size)
-            if log:
-                log(window.line(label, step, trainer.total_steps))
-    return window.mean() | {"steps": trainer.total_steps}
+
+    def on_interval(step: int, window: MetricWindow) -> None:
+        if progress:
+            progress(step * train.batch_size)
+        if log:
+            log(window.line(label, step, trainer.total_steps))
+
+    return run_steps(trainer, batches, on_interval)
 
 
 @torch.no_grad()

@@ -1,17 +1,18 @@
 """Ray Train: the SAE trained data-parallel (DDP) over the streamed activations.
 
-The step itself is ``trainer.SAETrainer``; this module adds the worker loop (dataset shard,
-DDP, checkpoints every ``train.checkpoint_every`` steps, metrics via ``ray.train.report``) and
-the driver call. A worker failure restarts the group from the latest checkpoint
-(``FailureConfig``); a driver restart finds the same checkpoints under the run directory.
+The step and the loop are ``trainer.SAETrainer`` and ``trainer.run_steps``, as in the driver
+without Ray; this module adds what a worker needs around them (dataset shard, DDP, the restore
+from the latest checkpoint, ``ray.train.report`` with a checkpoint every
+``train.checkpoint_every`` steps, the coordinator's progress) and the driver call, which reads
+the trained SAE back from ``ray_train/cycle-NNN/final/`` (``sae_files``). A worker failure
+restarts the group from the latest checkpoint (``FailureConfig``); a driver restart finds the
+same checkpoints under the run directory.
 """
 
 from __future__ import annotations
 
 import itertools
-import json
 import os
-import shutil
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
@@ -22,7 +23,6 @@ import ray
 import ray.train
 import ray.train.torch
 import torch
-from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from dmsae_ray.buffer import CachedActivations, shuffled_batches
@@ -31,7 +31,8 @@ from dmsae_ray.coordinator import NAMESPACE
 from dmsae_ray.core import Core, build_sae
 from dmsae_ray.ray_log import drop_known_noise
 from dmsae_ray.sae import MatryoshkaBatchTopKSAE
-from dmsae_ray.trainer import MetricWindow, SAELoss, SAETrainer
+from dmsae_ray.sae_files import load_sae, save_sae
+from dmsae_ray.trainer import MetricWindow, SAELoss, SAETrainer, run_steps
 
 FAULT_ENV = "DMSAE_FAULT_INJECT_STEP"  # tests: fail once at this step, before any checkpoint
 
@@ -139,25 +140,32 @@ def train_loop_per_worker(config: dict) -> None:
     coordinator = None
     if rank == 0 and config.get("coordinator"):
         coordinator = ray.get_actor(config["coordinator"], namespace=NAMESPACE)
-    fail_at = config.get("fail_at_step")
     label = f"[cycle {config['cycle']}] "
     total = trainer.total_steps
     resumed_from = trainer.step_count
-    window = MetricWindow(cfg.train.log_every)
-    for step in range(trainer.step_count + 1, total + 1):
-        if fail_at is not None and ckpt is None and step == fail_at and rank == 0:
-            raise RuntimeError(f"injected worker failure at step {step} ({FAULT_ENV})")
-        window.add(trainer.step(next(batches)))
-        if step % cfg.train.log_every == 0 and step < total:
-            _report(trainer, window, rank, step % cfg.train.checkpoint_every == 0)
-            if rank == 0:
-                say(window.line(label, step, total))
-                if coordinator:
-                    coordinator.set_progress.remote(tokens_done=step * cfg.train.batch_size)
-    metrics = window.mean() | {"steps": total, "resumed_from": resumed_from}
+
+    def on_interval(step: int, window: MetricWindow) -> None:
+        if step == total:
+            return  # the final report after the loop: the last checkpoint, with the SAE saved
+        _report(trainer, window.mean(), rank, step % cfg.train.checkpoint_every == 0)
+        if rank == 0:
+            say(window.line(label, step, total))
+            if coordinator:
+                coordinator.set_progress.remote(tokens_done=step * cfg.train.batch_size)
+
+    before_step = None
+    fail_at = config.get("fail_at_step")
+    if fail_at is not None and ckpt is None and rank == 0:
+        # Once: the group restarted from a checkpoint does not fail again.
+        def before_step(step: int) -> None:
+            if step == fail_at:
+                raise RuntimeError(f"injected worker failure at step {step} ({FAULT_ENV})")
+
+    metrics = run_steps(trainer, batches, on_interval, before_step) | {"resumed_from": resumed_from}
     if rank == 0:
-        save_final(sae, Path(config["final_dir"]), metrics)
-    _report(trainer, window, rank, checkpoint=True, final=True, resumed_from=resumed_from)
+        save_sae(Path(config["final_dir"]), sae, metrics)
+    mean = {k: v for k, v in metrics.items() if k in MetricWindow.KEYS}
+    _report(trainer, mean, rank, checkpoint=True, final=True, resumed_from=resumed_from)
 
 
 def say(line: str) -> None:
@@ -189,14 +197,15 @@ class FailureLine(ray.train.UserCallback):
 
 def _report(
     trainer: SAETrainer,
-    window: MetricWindow,
+    mean: dict[str, float],
     rank: int,
     checkpoint: bool,
     final: bool = False,
     resumed_from: int = 0,
 ) -> None:
-    """Every rank reports (it is a barrier); rank 0 attaches the checkpoint."""
-    metrics = window.mean() | {
+    """Every rank reports (it is a barrier); rank 0 attaches the checkpoint. ``mean``: the
+    metric window's mean (``MetricWindow.mean``)."""
+    metrics = mean | {
         "step": trainer.step_count,
         "final": final,
         "resumed_from": resumed_from,
@@ -207,25 +216,6 @@ def _report(
     with tempfile.TemporaryDirectory() as d:
         torch.save(trainer.state_dict(), Path(d) / "trainer.pt")
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
-
-
-def save_final(sae: MatryoshkaBatchTopKSAE, out: Path, metrics: dict) -> None:
-    """The trained SAE, written where the driver reads it (shared storage on a cluster)."""
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in sae.state_dict().items()}
-    save_file(state, str(tmp / "sae.safetensors"))
-    (tmp / "sae.json").write_text(json.dumps(sae.hparams()))
-    (tmp / "metrics.json").write_text(json.dumps(metrics))
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-
-
-def load_final(out: Path) -> tuple[MatryoshkaBatchTopKSAE, dict]:
-    hp = json.loads((out / "sae.json").read_text())
-    sae = MatryoshkaBatchTopKSAE.from_state(hp, load_file(str(out / "sae.safetensors")))
-    return sae, json.loads((out / "metrics.json").read_text())
 
 
 def shard_by_block(cfg: RunConfig, dataset: ray.data.Dataset, d_in: int) -> bool:
@@ -315,5 +305,9 @@ def train_sae(
         ),
     )
     trainer.fit()
-    sae, metrics = load_final(final_dir)
+    # Every fit() ends with rank 0 writing final/ (a group resumed from the cycle's last
+    # checkpoint runs no step but still writes it), so final/ is always in the format of this
+    # code: a leftover in the format before sae_files.py (sae.safetensors, sae.json) is
+    # replaced, never read.
+    sae, metrics = load_sae(final_dir)
     return sae.eval(), metrics

@@ -1,5 +1,6 @@
-"""dmsae_ray/trainer.py: the LR schedule, SAETrainer's step and checkpoint, the in-process
-cycle loop (its log cadence and progress), repeat_batches and the norm factor.
+"""dmsae_ray/trainer.py: the LR schedule, SAETrainer's step and checkpoint, the one step loop
+(run_steps: its callbacks, resume and failure semantics), the in-process cycle (its log cadence
+and progress), repeat_batches and the norm factor.
 
 (tests/test_sae.py has the schedule's basic shape, MetricWindow and the kept loss module.)
 """
@@ -22,6 +23,7 @@ from dmsae_ray.trainer import (
     lr_lambda,
     num_steps,
     repeat_batches,
+    run_steps,
     train_cycle,
 )
 
@@ -123,6 +125,95 @@ def test_a_restored_trainer_continues_bit_identically():
                               strict=True):
         assert torch.equal(va, vb), name
     assert a.sched.get_last_lr() == b.sched.get_last_lr()
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def counted(source, consumed: list[int]):
+    for x in source:
+        consumed.append(1)
+        yield x
+
+
+def test_run_steps_calls_back_every_log_every_steps_and_at_the_last():
+    trainer = SAETrainer(make_sae(), sae_cfg(), train_cfg(11, log_every=4, checkpoint_every=4))
+    before: list[int] = []
+    seen: list[tuple[int, int]] = []
+    windows: list[MetricWindow] = []
+
+    def before_step(step: int) -> None:
+        assert trainer.step_count == step - 1  # before the step is taken
+        before.append(step)
+
+    def on_interval(step: int, window: MetricWindow) -> None:
+        assert trainer.step_count == step  # after it
+        seen.append((step, len(window.steps)))
+        windows.append(window)
+
+    consumed: list[int] = []
+    out = run_steps(trainer, counted(sparse_batches(), consumed), on_interval, before_step)
+    assert before == list(range(1, 12)) and len(consumed) == 11
+    assert seen == [(4, 4), (8, 4), (11, 4)]  # the last step too, though not a multiple
+    assert set(out) == set(MetricWindow.KEYS) | {"steps"} and out["steps"] == 11
+    assert out == windows[-1].mean() | {"steps": 11}  # the window the last callback saw
+
+
+def test_run_steps_adds_nothing_to_the_steps():
+    """The loop is SAETrainer.step once per batch, nothing else: bit for bit the same SAE."""
+    batches = list(itertools.islice(sparse_batches(), 9))
+    looped = SAETrainer(make_sae(), sae_cfg(), train_cfg(9))
+    run_steps(looped, iter(batches), lambda step, window: window.line("", step, 9))
+    by_hand = SAETrainer(make_sae(), sae_cfg(), train_cfg(9))
+    for x in batches:
+        by_hand.step(x)
+    for (name, a), b in zip(looped.sae.state_dict().items(), by_hand.sae.state_dict().values(),
+                            strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_run_steps_stops_before_a_failing_step_and_resumes_where_the_trainer_is():
+    """The Ray worker's cases: a failure injected before step 6 takes no batch for it, and a
+    trainer restored at step 5 runs steps 6-11 on the next batches, calling back at 8 and 11,
+    and ends where an uninterrupted run does, bit for bit."""
+    batches = list(itertools.islice(sparse_batches(), 11))
+    cfg = train_cfg(11, log_every=4, checkpoint_every=4)
+    whole = SAETrainer(make_sae(), sae_cfg(), cfg)
+    uninterrupted = run_steps(whole, iter(batches))
+
+    failed = SAETrainer(make_sae(), sae_cfg(), cfg)
+
+    def fail_at_6(step: int) -> None:
+        if step == 6:
+            raise RuntimeError(f"injected at {step}")
+
+    consumed: list[int] = []
+    with pytest.raises(RuntimeError, match="injected at 6"):
+        run_steps(failed, counted(iter(batches), consumed), before_step=fail_at_6)
+    assert failed.step_count == 5 and len(consumed) == 5
+    saved = copy.deepcopy(failed.state_dict())
+
+    resumed = SAETrainer(make_sae(seed=7), sae_cfg(), cfg)
+    resumed.load_state_dict(saved)
+    steps: list[int] = []
+    out = run_steps(resumed, iter(batches[5:]), lambda step, window: steps.append(step))
+    assert steps == [8, 11]
+    assert out == uninterrupted  # the same last window: steps 8-11 in both
+    for (name, a), b in zip(whole.sae.state_dict().items(), resumed.sae.state_dict().values(),
+                            strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_run_steps_resumed_at_the_last_step_runs_nothing():
+    """A checkpoint of the finished cycle: no step, no callback, no batch, an empty window."""
+    cfg = train_cfg(3, log_every=1)
+    done = SAETrainer(make_sae(), sae_cfg(), cfg)
+    run_steps(done, sparse_batches())
+    again = SAETrainer(make_sae(), sae_cfg(), cfg)
+    again.load_state_dict(copy.deepcopy(done.state_dict()))
+    calls: list[int] = []
+    out = run_steps(again, iter([]), lambda step, window: calls.append(step), calls.append)
+    assert out == {"steps": 3} and calls == [] and again.step_count == 3
 
 
 # ----------------------------------------------------------------------------- the cycle

@@ -141,11 +141,11 @@ def cmd_status(args: argparse.Namespace) -> int:
         )
     if state.get("error"):
         print(f"  error: {state['error']}")
-    for s in state["cycles"]:
-        jac = "-" if s["jaccard"] is None else f"{s['jaccard']:.3f}"
-        ev = s["eval"]
+    for s in runfiles.read_cycles(state):
+        jac = "-" if s.jaccard is None else f"{s.jaccard:.3f}"
+        ev = s.eval
         print(
-            f"  cycle {s['cycle']}: core {s['core_in']} -> {s['core_size']}, jaccard {jac}, "
+            f"  cycle {s.cycle}: core {s.core_in} -> {s.core_size}, jaccard {jac}, "
             f"L0 {ev['l0']:.1f}, FVE {ev['fve']:.3f}"
         )
     return 0

@@ -18,6 +18,7 @@ from dmsae_ray.config import ConfigError, RunConfig, validate
 from dmsae_ray.export import write_saelens, write_sparsity
 from dmsae_ray.jsonio import read_json
 from dmsae_ray.rundir import RunDir
+from dmsae_ray.runfiles import CycleSummary
 from dmsae_ray.sae import MatryoshkaBatchTopKSAE
 
 # Scalars copied into the cfg metadata and the model card.
@@ -122,9 +123,10 @@ def export_run(
         folder = out / sid if nested else out
         write_saelens(folder, sae, cfg, c, core_ids_of(sae), norm_factor)
         metrics_path = rd.cycle_dir(c) / "sae" / "metrics.json"
-        saved = read_json(metrics_path) if metrics_path.is_file() else {}
-        # metrics.json is the cycle summary; its SAEBench metrics sit under "eval".
-        metrics = saved.get("eval", saved)
+        # metrics.json is the cycle summary (less its seconds); the SAEBench metrics are its eval.
+        metrics = (
+            CycleSummary.from_dict(read_json(metrics_path)).eval if metrics_path.is_file() else {}
+        )
         if densities is not None:
             metrics, density = densities(sae)  # fresh, with the current metric set
             write_sparsity(folder, density)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Protocol
 
 import torch
@@ -20,7 +21,7 @@ from dmsae_ray.core import Core, CoreSelection, jaccard, select_core, selection_
 from dmsae_ray.heartbeat import Heartbeat
 from dmsae_ray.lm import num_layers_of
 from dmsae_ray.rundir import RunDir
-from dmsae_ray.runfiles import COMPLETED, FAILED, RUNNING, STOPPED
+from dmsae_ray.runfiles import COMPLETED, FAILED, RUNNING, STOPPED, CycleSummary, read_cycles
 from dmsae_ray.sae import MatryoshkaBatchTopKSAE
 
 Log = Callable[[str], None]
@@ -98,11 +99,11 @@ def previous_core(cfg: RunConfig, rd: RunDir, cycle: int) -> Core | None:
 def run_cycle(
     cfg: RunConfig, rd: RunDir, backend: Backend, state: State, cycle: int, log: Log,
     select: bool = True,
-) -> dict:
+) -> CycleSummary:
     """One cycle: train, evaluate, attribute, select, write, return its summary (the commit is
-    the caller's). ``select=False`` skips attribution and selects nothing: for SAEs whose
-    evaluation is all that is wanted (``dmsae transfer``), attribution through the full LM is
-    the most expensive stage."""
+    the caller's; the summary has no ``seconds`` yet). ``select=False`` skips attribution and
+    selects nothing: for SAEs whose evaluation is all that is wanted (``dmsae transfer``),
+    attribution through the full LM is the most expensive stage."""
     norm_factor = norm_factor_of(cfg, backend, state)
     core = previous_core(cfg, rd, cycle)
     core_ids = [] if core is None else core.ids
@@ -121,15 +122,15 @@ def run_cycle(
     else:
         sel = CoreSelection(indices=[], ids=[], scores=[], fraction=None, candidate_scores=[])
     n = sae.nested_width
-    summary = {
-        "cycle": cycle,
-        "core_in": len(core_ids),
-        "core_size": len(sel.ids),
-        "jaccard": jaccard(sel.ids, core_ids) if cycle > 0 else None,
-        "fraction": sel.fraction,
-        "train": train_metrics,
-        "eval": metrics,
-    }
+    summary = CycleSummary(
+        cycle=cycle,
+        core_in=len(core_ids),
+        core_size=len(sel.ids),
+        jaccard=jaccard(sel.ids, core_ids) if cycle > 0 else None,
+        fraction=sel.fraction,
+        train=train_metrics,
+        eval=metrics,
+    )
     core_out = {
         "cycle": cycle,
         "indices": sel.indices,
@@ -147,20 +148,21 @@ def run_cycle(
         "densities": None if density is None else [density[i] for i in sel.indices],
     }
     rd.save_cycle(
-        cycle, sae, cfg, norm_factor, core_ids, core_out, Core.of(sae, sel.indices), summary
+        cycle, sae, cfg, norm_factor, core_ids, core_out, Core.of(sae, sel.indices),
+        summary.to_dict(),
     )
     return summary
 
 
-def format_summary(s: dict) -> str:
-    jac = "-" if s["jaccard"] is None else f"{s['jaccard']:.3f}"
-    frac = "no selection" if s["fraction"] is None else f"attribution {s['fraction']:.3f}"
-    ev = s["eval"]
+def format_summary(s: CycleSummary) -> str:
+    jac = "-" if s.jaccard is None else f"{s.jaccard:.3f}"
+    frac = "no selection" if s.fraction is None else f"attribution {s.fraction:.3f}"
+    ev = s.eval
     over = ev.get("l0_overflow", 0.0)
     # A relu core firing past k takes L0 the budget cannot absorb: say so on the line itself.
     overflow = f", over k by {over:.1f}!" if over > 0 else ""
     return (
-        f"[cycle {s['cycle']}] core {s['core_in']} -> {s['core_size']} "
+        f"[cycle {s.cycle}] core {s.core_in} -> {s.core_size} "
         f"({frac}), jaccard {jac}, L0 {ev['l0']:.1f} "
         f"(core {ev['core_l0']:.1f}{overflow}), FVE {ev['fve']:.3f}, "
         f"CE recovered {ev['ce_loss_score']:.3f}"
@@ -169,7 +171,8 @@ def format_summary(s: dict) -> str:
 
 def finish(rd: RunDir, state: dict) -> None:
     """The distilled core: the last cycle's selection, with counts and origins over cycles."""
-    n = len(state["cycles"])
+    cycles = read_cycles(state)
+    n = len(cycles)
     history = [[tuple(i) for i in rd.load_core(c)["ids"]] for c in range(n)]
     counts = selection_counts(history)
     last = rd.load_core(n - 1)
@@ -181,7 +184,7 @@ def finish(rd: RunDir, state: dict) -> None:
             "selection_counts": [counts[tuple(i)] for i in last["ids"]],
             "origin_cycle": [i[0] for i in last["ids"]],
             "core_size_per_cycle": [len(h) for h in history],
-            "jaccard_per_cycle": [s["jaccard"] for s in state["cycles"]],
+            "jaccard_per_cycle": [s.jaccard for s in cycles],
             "history": [[list(i) for i in h] for h in history],
         },
     )
@@ -233,11 +236,14 @@ def _loop(
         for cycle in range(start, cfg.distill.cycles + 1):
             t0 = time.time()
             summary = run_cycle(cfg, rd, backend, state, cycle, log, select)
-            summary["seconds"] = time.time() - t0
-            state.commit_cycle(summary)
+            summary = replace(summary, seconds=time.time() - t0)
+            # A plain dict crosses to the state's owner (the coordinator actor on Ray) and to
+            # on_cycle (Ray Tune reports it).
+            committed = summary.to_dict()
+            state.commit_cycle(committed)
             log(format_summary(summary))
             if on_cycle is not None:
-                on_cycle(summary)
+                on_cycle(committed)
         finish(rd, state.get())
         final = state.update(status=COMPLETED, stage=None)
     except KeyboardInterrupt:
@@ -246,5 +252,5 @@ def _loop(
     except Exception as err:
         state.update(status=FAILED, error=f"{type(err).__name__}: {err}")
         raise
-    log(f"distilled core: {final['cycles'][-1]['core_size']} latents -> {rd.core_dir}")
+    log(f"distilled core: {read_cycles(final)[-1].core_size} latents -> {rd.core_dir}")
     return final

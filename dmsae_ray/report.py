@@ -21,6 +21,7 @@ from dmsae_ray.config import ConfigError
 from dmsae_ray.core import selection_counts
 from dmsae_ray.jsonio import read_json
 from dmsae_ray.rundir import RunDir
+from dmsae_ray.runfiles import CycleSummary, read_cycles
 from dmsae_ray.sweep_plan import PLOT_CORE, PLOT_JACCARD
 from dmsae_ray.transfer import read_table
 
@@ -57,7 +58,7 @@ class RunData:
             raise ConfigError(f"{self.rd.root} is not a run directory (no config.json)")
         self.config = read_json(self.rd.config_path)
         self.state = self.rd.load_state()
-        self.cycles: list[dict] = self.state["cycles"]
+        self.cycles: list[CycleSummary] = read_cycles(self.state)
         if not self.cycles:
             raise ConfigError(f"{self.rd.root} has no committed cycle yet")
         # Each cycle's selected core, by persistent id (origin cycle, index in that cycle).
@@ -94,9 +95,9 @@ def _empty(ax, text: str) -> None:
 def plot_core_size(data: RunData, path: Path) -> Path:
     fig = Figure(figsize=(5, 3.2))
     ax = fig.add_subplot()
-    xs = [s["cycle"] for s in data.cycles]
-    ax.plot(xs, [s["core_size"] for s in data.cycles], "o-", label="selected (out)")
-    ax.plot(xs, [s["core_in"] for s in data.cycles], "s--", alpha=0.6, label="frozen (in)")
+    xs = [s.cycle for s in data.cycles]
+    ax.plot(xs, [s.core_size for s in data.cycles], "o-", label="selected (out)")
+    ax.plot(xs, [s.core_in for s in data.cycles], "s--", alpha=0.6, label="frozen (in)")
     ax.set(xlabel="cycle", ylabel="core size", title="Core size per cycle")
     ax.set_xticks(xs)
     ax.legend()
@@ -106,7 +107,7 @@ def plot_core_size(data: RunData, path: Path) -> Path:
 def plot_jaccard(data: RunData, path: Path) -> Path:
     fig = Figure(figsize=(5, 3.2))
     ax = fig.add_subplot()
-    pts = [(s["cycle"], s["jaccard"]) for s in data.cycles if s.get("jaccard") is not None]
+    pts = [(s.cycle, s.jaccard) for s in data.cycles if s.jaccard is not None]
     if pts:
         ax.plot(*zip(*pts, strict=True), "o-")
         ax.set_xticks([p[0] for p in pts])
@@ -189,19 +190,19 @@ def plot_core_composition(data: RunData, path: Path) -> Path:
 
 def plot_cycle_metrics(data: RunData, path: Path) -> Path:
     fig = Figure(figsize=(9, 6))
-    xs = [s["cycle"] for s in data.cycles]
+    xs = [s.cycle for s in data.cycles]
     for n, (key, label) in enumerate(CYCLE_METRICS, 1):
         ax = fig.add_subplot(2, 2, n)
-        ys = [_get(s["eval"], key) for s in data.cycles]
+        ys = [_get(s.eval, key) for s in data.cycles]
         ax.plot(xs, ys, "o-", label=label)
         if all(math.isnan(y) for y in ys):
             _empty(ax, "not in this run's metrics")
         if key == "l0":
-            ax.plot(xs, [_get(s["eval"], "core_l0") for s in data.cycles], "s--", label="core L0")
+            ax.plot(xs, [_get(s.eval, "core_l0") for s in data.cycles], "s--", label="core L0")
             ax.axhline(data.config["sae"]["k"], color="grey", lw=0.8, ls=":", label="k")
             ax.legend(fontsize="small")
-        if key == "fve" and any("nested_fve" in s["eval"] for s in data.cycles):
-            nested = [_get(s["eval"], "nested_fve") for s in data.cycles]
+        if key == "fve" and any("nested_fve" in s.eval for s in data.cycles):
+            nested = [_get(s.eval, "nested_fve") for s in data.cycles]
             ax.plot(xs, nested, "s--", label="most nested")
             ax.legend(fontsize="small")
         ax.set(xlabel="cycle", title=label)
@@ -211,7 +212,7 @@ def plot_cycle_metrics(data: RunData, path: Path) -> Path:
 
 def plot_feature_density(data: RunData, path: Path) -> Path:
     last = data.cycles[-1]
-    hist = last["eval"].get("feature_density_hist")
+    hist = last.eval.get("feature_density_hist")
     fig = Figure(figsize=(5, 3.2))
     ax = fig.add_subplot()
     if hist:
@@ -221,7 +222,7 @@ def plot_feature_density(data: RunData, path: Path) -> Path:
         ax.set(xlabel="log10 feature density (dead: -10)", ylabel="latents")
     else:
         _empty(ax, "no density histogram in this run's metrics")
-    ax.set(title=f"Feature density, cycle {last['cycle']}")
+    ax.set(title=f"Feature density, cycle {last.cycle}")
     return _save(fig, path)
 
 
@@ -293,10 +294,10 @@ def summary_markdown(
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in data.cycles:
-        ev = s["eval"]
+        ev = s.eval
         lines.append(
-            f"| {s['cycle']} | {s['core_in']} | {s['core_size']} | {_fmt(s.get('jaccard'))} "
-            f"| {_fmt(s.get('fraction'))} | {_fmt(ev.get('l0'), 1)} | {_fmt(ev.get('core_l0'), 1)} "
+            f"| {s.cycle} | {s.core_in} | {s.core_size} | {_fmt(s.jaccard)} "
+            f"| {_fmt(s.fraction)} | {_fmt(ev.get('l0'), 1)} | {_fmt(ev.get('core_l0'), 1)} "
             f"| {_fmt(ev.get('fve'))} | {_fmt(ev.get('ce_loss_score'))} "
             f"| {_fmt(ev.get('kl_div_score'))} | {_fmt(ev.get('frac_alive'))} |"
         )

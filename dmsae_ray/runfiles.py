@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Mapping
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 CONFIG_FILE = "config.json"  # written by the pipeline when the run directory comes into being
 STATE_FILE = "state.json"
@@ -52,3 +55,66 @@ def read_state(run_dir: str | Path) -> dict | None:
                 raise
             time.sleep(0.05)
     return None
+
+
+@dataclass(frozen=True)
+class CycleSummary:
+    """One committed cycle as ``state.json``'s ``cycles`` list records it (and, less its
+    ``seconds``, ``cycles/NNN/sae/metrics.json``). ``train`` and ``eval`` stay dicts: their keys
+    grow with the metric set (``fve``, ``nested_fve``, ``l0_overflow`` came later; Ray adds
+    ``resumed_from``), so a reader asks them with ``.get``. Treat them as read-only."""
+
+    cycle: int
+    core_in: int | None = None  # core size carried into the cycle
+    core_size: int | None = None  # latents selected
+    jaccard: float | None = None  # to the previous cycle's selection; None in cycle 0
+    fraction: float | None = None  # attribution reached; None when nothing was selected
+    train: dict[str, Any] = field(default_factory=dict)
+    eval: dict[str, Any] = field(default_factory=dict)
+    # None until the commit: metrics.json is written before the cycle's time is known.
+    seconds: float | None = None
+    # Keys this version does not know (a newer writer's), kept so a read-and-write-back
+    # loses nothing.
+    extra: dict[str, Any] = field(default_factory=dict)
+    # Keys the source dict lacked: to_dict leaves them out again while they hold their default
+    # (a replace() sets them), so the JSON a reader passes on (the API's cycle detail) is the
+    # file's, not one with defaults filled in.
+    missing: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> CycleSummary:
+        """A summary as any version wrote it. An absent key reads as what the readers' ``.get``
+        made of it (None; ``{}`` for ``train`` and ``eval``); only ``cycle`` is required."""
+        if "cycle" not in d:
+            raise ValueError(f"a cycle summary without 'cycle': {sorted(d)}")
+        known = _SUMMARY_KEYS
+        return cls(
+            **{k: d[k] for k in known if k in d},
+            extra={k: v for k, v in d.items() if k not in known},
+            missing=frozenset(k for k in known if k not in d),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The dict the pipeline writes: its keys in its order, then any unknown ones."""
+        out: dict[str, Any] = {}
+        for k in _SUMMARY_KEYS:
+            v = getattr(self, k)
+            if (k in self.missing and v == _DEFAULTS[k]) or (k == "seconds" and v is None):
+                continue
+            # A copy: the caller may extend the dict it gets, the summary stays as it was.
+            out[k] = dict(v) if isinstance(v, dict) else v
+        return out | self.extra
+
+
+# The keys of a summary, in the order the pipeline writes them, and what an absent one reads as.
+_SUMMARY_KEYS = tuple(f.name for f in fields(CycleSummary) if f.name not in ("extra", "missing"))
+_DEFAULTS: dict[str, Any] = {
+    f.name: f.default_factory() if f.default_factory is not MISSING else f.default
+    for f in fields(CycleSummary)
+    if f.name in _SUMMARY_KEYS and f.name != "cycle"
+}
+
+
+def read_cycles(state: Mapping[str, Any] | None) -> list[CycleSummary]:
+    """The committed cycles of a ``state.json`` (as ``read_state`` returns it), oldest first."""
+    return [CycleSummary.from_dict(c) for c in (state or {}).get("cycles") or []]

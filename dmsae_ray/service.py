@@ -43,6 +43,7 @@ from dmsae_ray.runfiles import (
     STATE_FILE,
     STOPPED,
     cycle_dir,
+    read_cycles,
     read_state,
 )
 
@@ -231,8 +232,14 @@ def read_cycle(run_dir: str | Path, cycle: int, state: dict | None = None) -> di
     if not d.is_dir():
         return None
     state = read_state(run_dir) if state is None else state
-    summary = next((c for c in (state or {}).get("cycles", []) if c.get("cycle") == cycle), None)
-    out: dict[str, Any] = {"cycle": cycle, "summary": summary, "core": None, "metrics": None}
+    summary = next((c for c in read_cycles(state) if c.cycle == cycle), None)
+    out: dict[str, Any] = {
+        "cycle": cycle,
+        # As state.json has it: to_dict adds no key the file lacks.
+        "summary": None if summary is None else summary.to_dict(),
+        "core": None,
+        "metrics": None,
+    }
     for key, path in (("core", d / "core.json"), ("metrics", d / "sae" / "metrics.json")):
         if path.is_file():
             out[key] = json.loads(path.read_text())

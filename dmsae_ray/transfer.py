@@ -35,6 +35,7 @@ from dmsae_ray.config import ConfigError, RunConfig, load_config, validate
 from dmsae_ray.core import Core
 from dmsae_ray.jsonio import atomic_write_json, read_json
 from dmsae_ray.rundir import RunDir
+from dmsae_ray.runfiles import read_cycles
 
 VARIANTS = ("distilled", "baseline", "random")
 # Columns of the per-run table, after k / variant / seed / core_size.
@@ -131,9 +132,9 @@ def variant_config(
 
 
 def row_of(k: int, variant: str, seed: int, state: dict, run_dir: Path) -> dict:
-    summary = state["cycles"][0]
-    ev = summary["eval"]
-    row: dict = {"k": k, "variant": variant, "seed": seed, "core_size": summary["core_in"]}
+    summary = read_cycles(state)[0]
+    ev = summary.eval
+    row: dict = {"k": k, "variant": variant, "seed": seed, "core_size": summary.core_in}
     row |= {m: ev.get(m, math.nan) for m in METRICS}
     row["run_dir"] = str(run_dir)
     return row

@@ -104,7 +104,38 @@ def column_quantile(values: Tensor, q: float) -> Tensor:
 def pool(values: Tensor, cfg: AttributionConfig) -> Tensor:
     if cfg.pooling == "quantile":
         return column_quantile(values, cfg.quantile)
-    return values.float().mean(0)
+    # Each column reduced as one contiguous row: its mean is then the same bits whatever other
+    # columns share the tensor (``mean(0)`` vectorises across the width, so a Ray reducer's
+    # chunk of columns differed from the in-process result in the last bit).
+    return values.float().t().contiguous().mean(1)
+
+
+def token_scores(
+    model: nn.Module,
+    sae: MatryoshkaBatchTopKSAE,
+    blocks: Tensor,
+    layer: int,
+    norm_factor: float,
+    specials: list[int],
+    cfg: AttributionConfig,
+    log: Callable[[str], None] | None = None,
+) -> Tensor:
+    """Per-token pooling inputs [N_scored, n] over ``blocks``, fp32 on the CPU, rows in block
+    order: what ``pool`` reduces. The one loop over the attribution blocks, shared by the
+    in-process ``attribute`` and the Ray ``ScoringActor``.
+
+    fp32 because in the normalised scale the scores can underflow fp16; on the CPU because the
+    rows of every batch (and, on Ray, of every actor) are joined before the exact quantile.
+    """
+    device = next(model.parameters()).device
+    parts = []
+    for start in range(0, blocks.shape[0], cfg.batch_size):
+        ids = blocks[start : start + cfg.batch_size].to(device)
+        s = attribution_scores(model, sae, ids, layer, norm_factor, specials, cfg.mode)
+        parts.append(signed_to_pooled_input(s, cfg.sign).to("cpu", torch.float32))
+        if log:
+            log(f"attribution {min(start + cfg.batch_size, len(blocks))}/{len(blocks)} sequences")
+    return torch.cat(parts)
 
 
 def attribute(
@@ -119,16 +150,7 @@ def attribute(
 ) -> Tensor:
     """Pooled attribution A_i >= 0 for every candidate latent [0, c + m_0) over ``blocks``.
 
-    Per-token scores are kept (fp32: in the normalised scale they can underflow fp16) so the
-    quantile is exact; at |candidates| ~ 2k and 2^18 tokens that is ~2 GB, which the Ray path
-    splits across actors by latent.
+    Every per-token score is kept so the quantile is exact; at |candidates| ~ 2k and 2^18
+    tokens that is ~2 GB, which the Ray path splits across actors by latent.
     """
-    device = next(model.parameters()).device
-    chunks = []
-    for start in range(0, blocks.shape[0], cfg.batch_size):
-        ids = blocks[start : start + cfg.batch_size].to(device)
-        s = attribution_scores(model, sae, ids, layer, norm_factor, specials, cfg.mode)
-        chunks.append(signed_to_pooled_input(s, cfg.sign).to("cpu", torch.float32))
-        if log:
-            log(f"attribution {min(start + cfg.batch_size, len(blocks))}/{len(blocks)} sequences")
-    return pool(torch.cat(chunks), cfg)
+    return pool(token_scores(model, sae, blocks, layer, norm_factor, specials, cfg, log), cfg)

@@ -12,7 +12,7 @@ import ray
 import torch
 from torch import Tensor
 
-from dmsae_ray.attribution import attribution_scores, pool, signed_to_pooled_input
+from dmsae_ray.attribution import pool, token_scores
 from dmsae_ray.config import AttributionConfig, ModelConfig, RunConfig
 from dmsae_ray.evaluate import evaluate_sae
 from dmsae_ray.lm import load_lm
@@ -33,16 +33,14 @@ class ScoringActor:
     def attribute(
         self, blocks: np.ndarray, cfg: dict, norm_factor: float, chunks: list[tuple[int, int]]
     ) -> list[np.ndarray] | np.ndarray:
-        acfg = AttributionConfig.model_validate(cfg)
-        parts = []
-        for start in range(0, len(blocks), acfg.batch_size):
-            ids = torch.from_numpy(blocks[start : start + acfg.batch_size].copy()).to(self.device)
-            s = attribution_scores(
-                self.model, self.sae, ids, self.layer, norm_factor, self.specials, acfg.mode
-            )
-            parts.append(signed_to_pooled_input(s, acfg.sign).float().cpu())
-        scores = torch.cat(parts).numpy()
+        # Ray hands arrays over read-only, and torch.from_numpy wants a writable one.
+        ids = torch.from_numpy(blocks.copy())
+        scores = token_scores(
+            self.model, self.sae, ids, self.layer, norm_factor, self.specials,
+            AttributionConfig.model_validate(cfg),
+        ).numpy()
         out = [np.ascontiguousarray(scores[:, a:b]) for a, b in chunks]
+        # num_returns=1 makes the return value itself the one object, not a list of one.
         return out if len(out) > 1 else out[0]
 
     def evaluate(self, blocks: np.ndarray, norm_factor: float, batch_size: int) -> dict:
@@ -101,3 +99,4 @@ class ScoringPool:
     def close(self) -> None:
         for a in self.actors:
             ray.kill(a)
+        self.actors = []  # closing twice is harmless

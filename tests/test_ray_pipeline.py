@@ -35,6 +35,10 @@ def ray_config(tiny_dir, run_dir, **sections):
 
 @pytest.fixture(scope="module")
 def ray_run(ray_head, tiny_dir, tmp_path_factory):
+    """An uninterrupted run with two trainer workers: the end-to-end checks, and the reference
+    the killed-driver and failed-worker runs must equal bit for bit. Two workers are bitwise
+    reproducible here because the parquet cache fits ``train.epoch_cache_mb``
+    (training.shard_by_block), so one run serves all three (each used to train its own)."""
     run_dir = tmp_path_factory.mktemp("ray") / "full"
     lines: list[str] = []
     cfg = ray_config(tiny_dir, run_dir, distill={"cycles": 1})
@@ -100,16 +104,11 @@ def _cli(config_path, env=None) -> subprocess.Popen:
     )
 
 
-def test_resume_after_the_driver_is_killed(ray_head, tiny_dir, tmp_path):
-    # One trainer worker: the cheapest setting that is bitwise reproducible whatever the cache
-    # (several workers are too only when the parquet cache fits train.epoch_cache_mb, see
-    # training.shard_by_block; tests/test_multinode.py covers two workers and a lost node).
-    one = {"ray": RAY | {"num_workers": 1}}
-    reference = tmp_path / "reference"
-    ref_state = pipeline.run(validate(ray_config(tiny_dir, reference, **one)), log=lambda s: None)
+def test_resume_after_the_driver_is_killed(ray_run, ray_head, tiny_dir, tmp_path):
+    reference, ref_state, _ = ray_run
     run_dir = tmp_path / "killed"
     path = tmp_path / "cfg.yaml"
-    path.write_text(yaml.safe_dump(ray_config(tiny_dir, run_dir, **one)))
+    path.write_text(yaml.safe_dump(ray_config(tiny_dir, run_dir, distill={"cycles": 1})))
     env = os.environ | {"RAY_ADDRESS": ray_head["address"]}
     proc = _cli(path, env)
     state_path = run_dir / "state.json"
@@ -117,19 +116,18 @@ def test_resume_after_the_driver_is_killed(ray_head, tiny_dir, tmp_path):
     live = None
     while time.time() < deadline and proc.poll() is None:
         cycle = json.loads(state_path.read_text())["cycle"] if state_path.is_file() else 0
-        if cycle >= 2:
-            break
-        if cycle == 1 and live is None:
-            # the coordinator answers while a cycle runs
+        if cycle == 1:
+            # cycle 0 is committed and cycle 1 runs: the coordinator answers while it does
             actor = ray.get_actor(coordinator_name(run_dir), namespace=NAMESPACE)
             live = ray.get(actor.get.remote(), timeout=30)
+            break
         time.sleep(0.2)
-    assert live is not None and live["status"] == "running" and live["cycle"] >= 1
+    assert live is not None and live["status"] == "running" and live["cycle"] == 1, live
     proc.send_signal(signal.SIGKILL)  # no chance to clean up: a crashed driver
     proc.wait()
     state = json.loads(state_path.read_text())
-    assert state["cycle"] == 2 and state["status"] == "running"
-    committed = (run_dir / "cycles/001/core.json").stat().st_mtime_ns
+    assert state["cycle"] == 1 and state["status"] == "running"
+    committed = (run_dir / "cycles/000/core.json").stat().st_mtime_ns
 
     out = subprocess.run(
         [sys.executable, "-m", "dmsae_ray.cli", "run", "--config", str(path)],
@@ -141,11 +139,11 @@ def test_resume_after_the_driver_is_killed(ray_head, tiny_dir, tmp_path):
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "resuming" in out.stdout
     assert_quiet_log(out.stdout + out.stderr)
-    assert "[cycle 1] core" not in out.stdout and "[cycle 2] core" in out.stdout
-    assert (run_dir / "cycles/001/core.json").stat().st_mtime_ns == committed
+    assert "[cycle 0] core" not in out.stdout and "[cycle 1] core" in out.stdout
+    assert (run_dir / "cycles/000/core.json").stat().st_mtime_ns == committed
     final = json.loads(state_path.read_text())
-    assert final["status"] == "completed" and [s["cycle"] for s in final["cycles"]] == [0, 1, 2]
-    for c in range(3):  # the first cycle that differs, with what each run's training did
+    assert final["status"] == "completed" and [s["cycle"] for s in final["cycles"]] == [0, 1]
+    for c in range(2):  # the first cycle that differs, with what each run's training did
         ours = json.loads((run_dir / f"cycles/{c:03d}/core.json").read_text())
         theirs = json.loads((reference / f"cycles/{c:03d}/core.json").read_text())
         why = (c, final["cycles"][c]["train"], ref_state["cycles"][c]["train"])
@@ -155,27 +153,21 @@ def test_resume_after_the_driver_is_killed(ray_head, tiny_dir, tmp_path):
     assert ours["history"] == theirs["history"]  # same cores as the uninterrupted run
 
 
-def test_worker_failure_recovers_from_checkpoint(ray_head, tiny_dir, tmp_path, monkeypatch):
-    # One worker, so the recovered run can be compared bit for bit with an uninterrupted one.
-    def config(name: str) -> dict:
-        return ray_config(
-            tiny_dir,
-            tmp_path / name,
-            distill={"cycles": 0},
-            train={"checkpoint_every": 8},
-            ray=RAY | {"num_workers": 1},
-        )
-
-    reference = pipeline.run(validate(config("reference")), log=lambda s: None)
+def test_worker_failure_recovers_from_checkpoint(ray_run, tiny_dir, tmp_path, monkeypatch):
+    reference, ref_state, _ = ray_run
+    cfg = ray_config(
+        tiny_dir, tmp_path / "faulty", distill={"cycles": 0}, train={"checkpoint_every": 8}
+    )
     monkeypatch.setenv(FAULT_ENV, "12")
-    state = pipeline.run(validate(config("faulty")), log=lambda s: None)
+    state = pipeline.run(validate(cfg), log=lambda s: None)
     assert state["status"] == "completed"
     assert state["cycles"][0]["train"]["resumed_from"] == 8
     assert state["cycles"][0]["train"]["steps"] == 16
-    assert reference["cycles"][0]["train"]["resumed_from"] == 0
-    # Steps 9-16 after the restart trained on the batches 9-16 of the stream, not 1-8 again.
+    assert ref_state["cycles"][0]["train"]["resumed_from"] == 0
+    # Steps 9-16 after the restart trained on the batches 9-16 of the stream, not 1-8 again:
+    # cycle 0 equals the uninterrupted run's (whose checkpoints fall elsewhere) bit for bit.
     ours = json.loads((tmp_path / "faulty/cycles/000/core.json").read_text())
-    theirs = json.loads((tmp_path / "reference/cycles/000/core.json").read_text())
+    theirs = json.loads((reference / "cycles/000/core.json").read_text())
     assert ours["candidate_scores"] == theirs["candidate_scores"]
     assert ours["ids"] == theirs["ids"]
 

@@ -64,13 +64,15 @@ A rerun with the same run_dir resumes after the last committed cycle.
 """
 
 
-def _add_config_args(p: argparse.ArgumentParser) -> None:
+def _add_config_args(p: argparse.ArgumentParser, run_dir: bool = True) -> None:
+    """--config and --set, as `dmsae run` and `dmsae sweep` (its base config) take them."""
     p.add_argument("--config", "-c", help="YAML/JSON config (paper defaults for missing keys)")
     p.add_argument(
         "--set", "-s", action="append", default=[], metavar="KEY=VALUE",
         help="override one key, e.g. --set sae.k=64 (repeatable)",
     )
-    p.add_argument("--run-dir", help="shortcut for --set run_dir=...")
+    if run_dir:
+        p.add_argument("--run-dir", help="shortcut for --set run_dir=...")
 
 
 def _config(args: argparse.Namespace) -> RunConfig:
@@ -171,12 +173,9 @@ Running the same command again resumes: finished trials are not rerun.
 
 
 def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
-    """`dmsae sweep` options (the base config options are the same as `dmsae run`'s)."""
-    p.add_argument("--config", "-c", help="base config with an optional sweep: section")
-    p.add_argument(
-        "--set", "-s", action="append", default=[], metavar="KEY=VALUE",
-        help="override a key of the base config (repeatable)",
-    )
+    """`dmsae sweep` options: the base config as `dmsae run` takes it (its config may hold a
+    sweep: section), then the search space."""
+    _add_config_args(p, run_dir=False)
     p.add_argument("--tau", help="grid over distill.tau, e.g. 0.5,0.7,0.9")
     p.add_argument("--k", help="grid over sae.k, e.g. 40,80,160")
     p.add_argument(

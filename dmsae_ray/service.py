@@ -221,14 +221,10 @@ def run_status(
     return FAILED, s_err or job.message or "the Ray job failed"
 
 
-def cycle_files(run_dir: str | Path, cycle: int) -> Path:
-    return cycle_dir(run_dir, cycle)
-
-
 def read_cycle(run_dir: str | Path, cycle: int, state: dict | None = None) -> dict | None:
     """One committed cycle: its summary from state.json, core.json (selected latents, scores)
     and sae/metrics.json. None if the cycle is not committed."""
-    d = cycle_files(run_dir, cycle)
+    d = cycle_dir(run_dir, cycle)
     if not d.is_dir():
         return None
     state = read_state(run_dir) if state is None else state

@@ -93,70 +93,6 @@ def wait_for(api: httpx.Client, run_id: str, pred, timeout: float = 240, every=0
 # --------------------------------------------------------------------------- without Ray
 
 
-def test_run_status_combines_state_and_job():
-    from dmsae_ray.service import JobInfo, run_status
-
-    def job(status, start=100.0):
-        return JobInfo("j", status, start_time=start)
-
-    running = {"status": "running", "error": None}
-    assert run_status(None, job("PENDING")) == ("pending", None)
-    assert run_status(running, job("RUNNING")) == ("running", None)
-    assert run_status(running, job("RUNNING"), stop_requested=True) == ("stopping", None)
-    # A killed job leaves state.json at "running": the job decides.
-    assert run_status(running, job("STOPPED")) == ("stopped", None)
-    assert run_status(running, job("FAILED"))[0] == "failed"
-    failed = {"status": "failed", "error": "OSError: disk full"}
-    assert run_status(failed, job("FAILED")) == ("failed", "OSError: disk full")
-    # Completed once the driver has exited too: until then it still holds cluster resources.
-    assert run_status({"status": "completed"}, job("RUNNING")) == ("running", None)
-    assert run_status({"status": "completed"}, job("SUCCEEDED")) == ("completed", None)
-    assert run_status({"status": "completed"}, job("FAILED")) == ("completed", None)
-    assert run_status({"status": "completed"}, None) == ("completed", None)
-    assert run_status({"status": "completed"}, None, ray_reachable=False) == ("completed", None)
-    assert run_status(running, job("SUCCEEDED"))[0] == "failed"
-    # After a resume the previous job's "stopped" is stale until the new job rewrites it;
-    # a "stopped" written while this job runs means it is on its way out.
-    stopped = {"status": "stopped"}
-    assert run_status(stopped, job("RUNNING"), state_time=50.0) == ("running", None)
-    assert run_status(stopped, job("RUNNING"), state_time=150.0) == ("stopping", None)
-    # Job unknown to a reachable cluster (deleted, cluster restarted) / Ray unreachable.
-    assert run_status(running, None)[0] == "failed"
-    assert run_status(stopped, None) == ("stopped", None)
-    assert run_status(running, None, ray_reachable=False) == ("running", None)
-    assert run_status(None, None, ray_reachable=False) == ("pending", None)
-
-
-def test_config_digest_ignores_defaults_and_run_dir():
-    from dmsae_ray.config import validate
-    from dmsae_ray.service import config_digest
-
-    plain = config_digest(validate({}))
-    assert config_digest(validate({"distill": {"tau": 0.9}, "run_dir": "/elsewhere"})) == plain
-    assert config_digest(validate({"distill": {"tau": 0.8}})) != plain
-
-
-def test_artifact_paths_are_confined(tmp_path):
-    from dmsae_ray.service import ArtifactPathError, list_artifacts, resolve_artifact
-
-    root = tmp_path / "run"
-    (root / "cycles" / "000").mkdir(parents=True)
-    (root / "cycles" / "000" / "core.json").write_text("{}")
-    (root / "cycles" / ".001.tmp").mkdir()
-    (root / "cycles" / ".001.tmp" / "core.json").write_text("{}")
-    (tmp_path / "secret").write_text("x")
-    (root / "out").symlink_to(tmp_path / "secret")
-    assert resolve_artifact(root, "cycles/000/core.json") == root / "cycles/000/core.json"
-    assert resolve_artifact(root, "./cycles//000/core.json").name == "core.json"
-    for bad in ("", "/etc/passwd", "../secret", "cycles/../../secret", "a\\b", "C:/x", "a\x00"):
-        with pytest.raises(ArtifactPathError):
-            resolve_artifact(root, bad)
-    for missing in ("out", "cycles", "cycles/.001.tmp/core.json", "nope"):
-        with pytest.raises(FileNotFoundError):
-            resolve_artifact(root, missing)
-    assert [a["path"] for a in list_artifacts(root)] == ["cycles/000/core.json"]
-
-
 def test_concurrent_status_reads_share_one_job_server_call(ray_cluster):
     from dmsae_ray.service import RayJobs
 
@@ -181,18 +117,6 @@ def test_concurrent_status_reads_share_one_job_server_call(ray_cluster):
         t.join()
     assert results == [None] * 20  # unknown to the cluster
     assert calls == ["get_job_info"]
-
-
-def test_job_gpus_only_when_the_driver_does_the_work():
-    from dmsae_ray.config import RunConfig
-    from dmsae_ray.service import entrypoint, job_resources
-
-    assert job_resources(RunConfig()) == {}
-    gpu = {"ray": {"use_gpu": True, "num_workers": 0}}
-    assert job_resources(RunConfig.model_validate(gpu)) == {"entrypoint_num_gpus": 1}
-    workers = {"ray": {"use_gpu": True, "num_workers": 2}}
-    assert job_resources(RunConfig.model_validate(workers)) == {}
-    assert entrypoint("/r/a b/request.json") == "dmsae run --config '/r/a b/request.json'"
 
 
 def test_without_ray_the_service_is_alive_but_not_ready(tmp_path, tiny_dir, monkeypatch):

@@ -1,8 +1,8 @@
 """dmsae_ray/service.py without a server or a cluster: job commands and resources, the Ray job
 wrapper against a fake client, the status rules, and safe reads of a run directory.
 
-tests/test_api.py has the main run_status table, config_digest's run_dir/defaults rule, the
-basic artefact confinement and the GPU reservation; the cases here are the others.
+tests/test_api.py has what needs the server or the cluster (the job status cache shared by
+concurrent reads, among others).
 """
 
 from __future__ import annotations
@@ -62,6 +62,12 @@ def test_prepare_run_pins_an_absolute_run_dir_in_request_json(tmp_path, monkeypa
     assert json.loads(path.read_text())["sae"]["k"] == 32 and pinned2.run_dir == str(root)
 
 
+def test_config_digest_ignores_defaults_and_run_dir():
+    plain = config_digest(validate({}))
+    assert config_digest(validate({"distill": {"tau": 0.9}, "run_dir": "/elsewhere"})) == plain
+    assert config_digest(validate({"distill": {"tau": 0.8}})) != plain
+
+
 def test_config_digest_is_a_stable_hash_of_what_differs_from_the_defaults():
     plain = config_digest(validate({}))
     assert len(plain) == 64 and int(plain, 16) >= 0
@@ -85,6 +91,15 @@ def test_entrypoints_quote_every_path_for_the_shell():
 
 def test_job_resources_on_cpu_reserve_nothing():
     assert job_resources(validate({"ray": {"use_gpu": False, "num_workers": 0}})) == {}
+
+
+def test_job_gpus_only_when_the_driver_does_the_work():
+    assert job_resources(RunConfig()) == {}
+    gpu = {"ray": {"use_gpu": True, "num_workers": 0}}
+    assert job_resources(RunConfig.model_validate(gpu)) == {"entrypoint_num_gpus": 1}
+    workers = {"ray": {"use_gpu": True, "num_workers": 2}}
+    assert job_resources(RunConfig.model_validate(workers)) == {}
+    assert entrypoint("/r/a b/request.json") == "dmsae run --config '/r/a b/request.json'"
 
 
 # ----------------------------------------------------------------------------- Ray jobs
@@ -319,6 +334,35 @@ def job(status, start=100.0, message=None):
     return JobInfo("j", status, message=message, start_time=start)
 
 
+def test_run_status_combines_state_and_job():
+    running = {"status": "running", "error": None}
+    assert run_status(None, job("PENDING")) == ("pending", None)
+    assert run_status(running, job("RUNNING")) == ("running", None)
+    assert run_status(running, job("RUNNING"), stop_requested=True) == ("stopping", None)
+    # A killed job leaves state.json at "running": the job decides.
+    assert run_status(running, job("STOPPED")) == ("stopped", None)
+    assert run_status(running, job("FAILED"))[0] == "failed"
+    failed = {"status": "failed", "error": "OSError: disk full"}
+    assert run_status(failed, job("FAILED")) == ("failed", "OSError: disk full")
+    # Completed once the driver has exited too: until then it still holds cluster resources.
+    assert run_status({"status": "completed"}, job("RUNNING")) == ("running", None)
+    assert run_status({"status": "completed"}, job("SUCCEEDED")) == ("completed", None)
+    assert run_status({"status": "completed"}, job("FAILED")) == ("completed", None)
+    assert run_status({"status": "completed"}, None) == ("completed", None)
+    assert run_status({"status": "completed"}, None, ray_reachable=False) == ("completed", None)
+    assert run_status(running, job("SUCCEEDED"))[0] == "failed"
+    # After a resume the previous job's "stopped" is stale until the new job rewrites it;
+    # a "stopped" written while this job runs means it is on its way out.
+    stopped = {"status": "stopped"}
+    assert run_status(stopped, job("RUNNING"), state_time=50.0) == ("running", None)
+    assert run_status(stopped, job("RUNNING"), state_time=150.0) == ("stopping", None)
+    # Job unknown to a reachable cluster (deleted, cluster restarted) / Ray unreachable.
+    assert run_status(running, None)[0] == "failed"
+    assert run_status(stopped, None) == ("stopped", None)
+    assert run_status(running, None, ray_reachable=False) == ("running", None)
+    assert run_status(None, None, ray_reachable=False) == ("pending", None)
+
+
 def test_run_status_from_the_directory_alone_uses_the_heartbeat():
     running = {"status": "running", "error": None}
     dead = Liveness(False, "pid 42 is gone", 3.0)
@@ -400,6 +444,25 @@ def test_read_cycle_combines_summary_core_metrics_and_artifacts(tmp_path):
     assert read_cycle(tmp_path, 0, state={}) == {
         "cycle": 0, "summary": None, "core": None, "metrics": None, "artifacts": [],
     }
+
+
+def test_artifact_paths_are_confined(tmp_path):
+    root = tmp_path / "run"
+    (root / "cycles" / "000").mkdir(parents=True)
+    (root / "cycles" / "000" / "core.json").write_text("{}")
+    (root / "cycles" / ".001.tmp").mkdir()
+    (root / "cycles" / ".001.tmp" / "core.json").write_text("{}")
+    (tmp_path / "secret").write_text("x")
+    (root / "out").symlink_to(tmp_path / "secret")
+    assert resolve_artifact(root, "cycles/000/core.json") == root / "cycles/000/core.json"
+    assert resolve_artifact(root, "./cycles//000/core.json").name == "core.json"
+    for bad in ("", "/etc/passwd", "../secret", "cycles/../../secret", "a\\b", "C:/x", "a\x00"):
+        with pytest.raises(ArtifactPathError):
+            resolve_artifact(root, bad)
+    for missing in ("out", "cycles", "cycles/.001.tmp/core.json", "nope"):
+        with pytest.raises(FileNotFoundError):
+            resolve_artifact(root, missing)
+    assert [a["path"] for a in list_artifacts(root)] == ["cycles/000/core.json"]
 
 
 def test_list_artifacts_follows_links_only_inside_and_skips_broken_ones(tmp_path):

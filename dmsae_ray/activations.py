@@ -2,17 +2,16 @@
 
 Token blocks are written once per run as parquet under the run directory (the same training
 tokens every cycle). Activations stream from the actor pool straight into the Ray Train workers;
-with ``data.cache_activations`` they are written to parquet once and read back every cycle,
-in the run directory or under ``data.activation_cache`` (a directory or s3:// / gs:// URI).
+with ``data.cache_activations`` they are written to parquet once and read back every cycle:
+the activation cache both backends share (``activation_cache.py``: location, format, commit),
+written here through Ray Data.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
-import uuid
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -23,15 +22,16 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
 import torch
+from ray.data.expressions import col
 from torch import Tensor
 
 from dmsae_ray import storage
-from dmsae_ray.buffer import block_activations_at, cache_digest
+from dmsae_ray.activation_cache import ActivationCache
+from dmsae_ray.buffer import block_activations_at
 from dmsae_ray.config import ModelConfig, RunConfig
 from dmsae_ray.lm import load_lm
 
 BLOCKS_PER_FILE = 4096
-COMMIT = "COMMIT.json"  # written last: the cache is complete and names its files
 
 
 def write_token_blocks(
@@ -131,16 +131,6 @@ def activation_dataset(
     )
 
 
-def cache_location(cfg: RunConfig, run_root: Path) -> tuple[pafs.FileSystem, str]:
-    """``run_dir/activations_parquet`` by default; under ``data.activation_cache`` (a directory
-    or URI) a subdirectory named by the digest of ``cache_key``, so that runs of one model,
-    layer and corpus (a sweep's trials, reruns) compute the activations once."""
-    if cfg.data.activation_cache is None:
-        return storage.resolve(str(run_root / "activations_parquet"))
-    fs, base = storage.resolve(cfg.data.activation_cache)
-    return fs, storage.join(base, cache_digest(cfg))
-
-
 def cached_dataset(
     ds: ray.data.Dataset,
     fs: pafs.FileSystem,
@@ -149,30 +139,19 @@ def cached_dataset(
     log: Callable[[str], None],
     retry: storage.Retry = storage.RETRY,
 ) -> ray.data.Dataset:
-    """Write the activations once, then always read them back.
+    """Write the activations ``ds`` into the cache at ``path`` once (``ActivationCache.open``:
+    a fresh attempt directory, then the commit), then always read the committed attempt back.
 
-    Each writer puts its files in a fresh ``attempt`` directory and then writes ``COMMIT``
-    naming it: object stores cannot rename a directory, and a half-written attempt (a killed
-    driver) is never read. Two runs writing the same cache at once both commit complete, equal
-    data; the last commit wins. Every file and the commit are retried on transient store
-    errors (``retry``); a store that keeps failing ends in a ``storage.StorageError``.
+    Every file and the commit are retried on transient store errors (``retry``); a store that
+    keeps failing ends in a ``storage.StorageError``. A cache the in-process backend wrote
+    holds rows past the key's blocks: only the key's blocks are read, as a Ray run writes them.
     """
-    marker = storage.join(path, COMMIT)
-    if storage.exists(fs, marker, retry):
-        log(f"reusing cached activations at {path}")
-    else:
-        attempt = uuid.uuid4().hex[:12]
-        log(f"caching activations -> {storage.join(path, attempt)}")
-        write_parquet(ds, fs, storage.join(path, attempt), retry)
-        body = json.dumps({"attempt": attempt, "key": key}, indent=1)
-        storage.write_text(fs, marker, body, retry)
-    committed = json.loads(storage.read_text(fs, marker, retry))
-    if committed.get("key", key) != key:
-        raise ValueError(f"{path} caches other activations: {committed['key']} (expected {key})")
+    cache = ActivationCache(fs, path, key, retry)
+    attempt = cache.open(lambda where: write_parquet(ds, fs, where, retry), log)
     # partitioning=None: a directory like runs/tau=0.5 is not a hive partition column
-    return ray.data.read_parquet(
-        storage.join(path, committed["attempt"]), filesystem=fs, partitioning=None
-    )
+    out = ray.data.read_parquet(attempt.path, filesystem=fs, partitioning=None)
+    end = cache.positions_end(attempt)
+    return out if end is None else out.filter(expr=col("pos") < end)
 
 
 def write_parquet(

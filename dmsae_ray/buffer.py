@@ -1,21 +1,16 @@
 """Token blocks -> LM (stopped after layer L) -> shuffled, normalisable activation batches.
 
 Plain PyTorch: the in-process path iterates it directly and the Ray Data actors call
-``block_activations`` on their share of the blocks.
+``block_activations_at`` on their share of the blocks. The activation cache of both backends
+is ``activation_cache.py``.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-import os
-import time
-from collections.abc import Callable, Iterable, Iterator
-from pathlib import Path
+from collections.abc import Iterable, Iterator
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from dmsae_ray.config import RunConfig
@@ -25,17 +20,6 @@ from dmsae_ray.lm import layer_activations
 
 def blocks_needed(cfg: RunConfig) -> int:
     return math.ceil(cfg.train.tokens_per_cycle / (cfg.data.context_length - 1))
-
-
-def cache_key(cfg: RunConfig) -> dict:
-    """Everything the cached activations depend on: runs that agree on it share a cache."""
-    data = cfg.data.model_dump(mode="json", exclude={"cache_activations", "activation_cache"})
-    return {"model": cfg.model.model_dump(mode="json"), "data": data, "blocks": blocks_needed(cfg)}
-
-
-def cache_digest(cfg: RunConfig) -> str:
-    """The name of a shared cache's subdirectory (both backends)."""
-    return hashlib.sha256(json.dumps(cache_key(cfg), sort_keys=True).encode()).hexdigest()[:16]
 
 
 @torch.no_grad()
@@ -69,14 +53,37 @@ def iter_activations(
     specials: list[int],
     llm_batch_size: int,
 ) -> Iterator[Tensor]:
+    for x, _ in iter_activations_at(model, blocks, layer, specials, llm_batch_size):
+        yield x
+
+
+def iter_activations_at(
+    model: nn.Module,
+    blocks: Iterable[Tensor],
+    layer: int,
+    specials: list[int],
+    llm_batch_size: int,
+    first_block: int = 0,
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """Activation rows and their stream positions, ``llm_batch_size`` blocks per LM batch;
+    ``blocks`` is the training stream from block ``first_block`` on."""
     batch: list[Tensor] = []
+    index = first_block
+
+    def run() -> tuple[Tensor, Tensor]:
+        numbers = torch.arange(index, index + len(batch), dtype=torch.int64)
+        x, pos = block_activations_at(model, torch.stack(batch), numbers, layer, specials)
+        assert pos is not None
+        return x, pos
+
     for block in blocks:
         batch.append(block)
         if len(batch) == llm_batch_size:
-            yield block_activations(model, torch.stack(batch), layer, specials)
+            yield run()
+            index += len(batch)
             batch = []
     if batch:
-        yield block_activations(model, torch.stack(batch), layer, specials)
+        yield run()
 
 
 def shuffled_batches(
@@ -107,37 +114,8 @@ def shuffled_batches(
 
 
 class CachedActivations:
-    """Activations of the training blocks computed once and reused every cycle (small runs)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def exists(self) -> bool:
-        return self.path.is_file()
-
-    def build(self, rows: Iterator[Tensor], max_rows: int, log: Callable[[str], None]) -> None:
-        chunks, n, next_log, t0 = [], 0, 0, time.time()
-        for chunk in rows:
-            chunks.append(chunk)
-            n += len(chunk)
-            if n >= next_log:
-                rate = n / max(time.time() - t0, 1e-6)
-                log(f"activations {min(n, max_rows)}/{max_rows} tokens ({rate:.0f} tokens/s)")
-                next_log += max_rows // 10
-            if n >= max_rows:
-                break
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        # One temporary name per process: runs sharing a cache may build it at the same time.
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        try:
-            save_file({"acts": torch.cat(chunks)[:max_rows].contiguous()}, str(tmp))
-            tmp.replace(self.path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)  # a pid-named temp: no later build would replace it
-            raise
-
-    def load(self) -> Tensor:
-        return load_file(str(self.path))["acts"]
+    """Activation rows held in memory, replayed as seeded epochs: the in-process cache's rows,
+    or a Ray training worker's share when it fits ``train.epoch_cache_mb``."""
 
     @staticmethod
     def epochs(acts: Tensor, batch_size: int, seed: int) -> Iterator[Tensor]:

@@ -5,16 +5,19 @@ The Ray backend (``ray_backend.py``) runs the same algorithm functions on a clus
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
+from itertools import islice
 
+import torch
 from torch import Tensor
 
+from dmsae_ray.activation_cache import ActivationCache, write_rows
 from dmsae_ray.attribution import attribute
 from dmsae_ray.buffer import (
     CachedActivations,
-    cache_digest,
     iter_activations,
+    iter_activations_at,
     shuffled_batches,
 )
 from dmsae_ray.config import RunConfig
@@ -25,18 +28,6 @@ from dmsae_ray.lm import load_lm, load_tokenizer
 from dmsae_ray.rundir import RunDir, RunState
 from dmsae_ray.sae import MatryoshkaBatchTopKSAE
 from dmsae_ray.trainer import estimate_norm_factor, repeat_batches, train_cycle
-
-
-def local_cache_path(cfg: RunConfig, default: Path) -> Path:
-    """Where this process keeps its activation cache: ``default`` (in the run directory), or,
-    with ``data.activation_cache`` set (a local directory: config validation refuses object
-    stores without Ray), the subdirectory both backends name by ``cache_digest``, so the runs
-    of a study or sweep that share a model, layer, corpus and token budget compute it once."""
-    where = cfg.data.activation_cache
-    if where is None:
-        return default
-    base = Path(where.removeprefix("file://")).expanduser()
-    return base / f"local-{cache_digest(cfg)}" / "activations.safetensors"
 
 
 class LocalBackend:
@@ -61,17 +52,49 @@ class LocalBackend:
             cfg.data.llm_batch_size,
         )
 
+    def _rows_at(self, blocks: Iterator[Tensor], first_block: int
+                 ) -> Iterator[tuple[Tensor, Tensor]]:
+        """Rows with their stream positions; ``blocks``: the stream from ``first_block`` on."""
+        cfg = self.cfg
+        return iter_activations_at(
+            self.model, blocks, cfg.model.layer, self.data.specials, cfg.data.llm_batch_size,
+            first_block,
+        )
+
+    def _cached(self, cycle: int) -> Tensor:
+        """The first ``train.tokens_per_cycle`` rows of the stream (raw scale), from the
+        activation cache, written first if nothing is committed there."""
+        cfg = self.cfg
+        want = cfg.train.tokens_per_cycle
+        cache = ActivationCache.of(cfg, self.rd.root)
+
+        def write(where: str) -> int:
+            self.state.set_stage("activations", cycle=cycle)
+            blocks = _Counted(self.data.train_blocks())
+            rows = _logged(_first(self._rows_at(blocks, 0), want), want, self.log)
+            write_rows(cache.fs, where, rows, cache.retry)
+            return blocks.n  # the LM batches run: the cache's extent, past the key's blocks
+
+        attempt = cache.open(write, self.log)
+        x, _ = cache.read(attempt)
+        if len(x) < want:
+            # Written by the Ray backend (the key's blocks, short of the dropped separators) or
+            # by a run with a smaller budget of the same block count: the rest of the stream.
+            first = cache.key["blocks"] if attempt.blocks is None else attempt.blocks
+            rows = self._rows_at(islice(self.data.train_blocks(), first, None), first)
+            more = [r for r, _ in _first(rows, want - len(x))]
+            if more:
+                self.log(f"the cache holds {len(x)} of {want} rows: "
+                         f"{sum(len(r) for r in more)} more computed from block {first} on")
+                x = torch.cat([x, *more])
+        return x[:want]
+
     def _batches(self, cycle: int, norm_factor: float) -> Iterator[Tensor]:
         cfg = self.cfg
         seed = cfg.train.seed + cycle
         if cfg.data.cache_activations:
-            cache = CachedActivations(local_cache_path(cfg, self.rd.activations_path))
-            if cache.exists():
-                self.log(f"reusing cached activations at {cache.path}")
-            else:
-                self.state.set_stage("activations", cycle=cycle)
-                cache.build(self._rows(), cfg.train.tokens_per_cycle, self.log)
-            return CachedActivations.epochs(cache.load() / norm_factor, cfg.train.batch_size, seed)
+            acts = self._cached(cycle)
+            return CachedActivations.epochs(acts / norm_factor, cfg.train.batch_size, seed)
         buffer_rows = max(32 * cfg.train.batch_size, 4 * cfg.data.context_length)
         batches = repeat_batches(
             lambda: shuffled_batches(self._rows(), cfg.train.batch_size, buffer_rows, seed)
@@ -127,3 +150,39 @@ class LocalBackend:
 
     def close(self) -> None:
         pass
+
+
+def _first(rows: Iterator[tuple[Tensor, Tensor]], n: int) -> Iterator[tuple[Tensor, Tensor]]:
+    """Whole LM batches of ``rows`` until they hold ``n`` rows (or the stream ends)."""
+    have = 0
+    for x, pos in rows:
+        yield x, pos
+        have += len(x)
+        if have >= n:
+            return
+
+
+def _logged(
+    rows: Iterator[tuple[Tensor, Tensor]], total: int, log: Callable[[str], None]
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """``rows``, with a progress line every tenth of ``total``."""
+    n, next_log, t0 = 0, 0, time.time()
+    for x, pos in rows:
+        n += len(x)
+        if n >= next_log:
+            rate = n / max(time.time() - t0, 1e-6)
+            log(f"activations {min(n, total)}/{total} tokens ({rate:.0f} tokens/s)")
+            next_log += total // 10
+        yield x, pos
+
+
+class _Counted(Iterator[Tensor]):
+    """``blocks`` handed on one by one, counted in ``n``."""
+
+    def __init__(self, blocks: Iterator[Tensor]) -> None:
+        self.blocks, self.n = blocks, 0
+
+    def __next__(self) -> Tensor:
+        block = next(self.blocks)
+        self.n += 1
+        return block

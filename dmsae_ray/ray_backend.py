@@ -13,14 +13,14 @@ import ray
 import torch
 from torch import Tensor
 
+from dmsae_ray.activation_cache import ActivationCache
 from dmsae_ray.activations import (
     activation_dataset,
-    cache_location,
     cached_dataset,
     has_block_index,
     write_token_blocks,
 )
-from dmsae_ray.buffer import blocks_needed, cache_key
+from dmsae_ray.buffer import blocks_needed
 from dmsae_ray.config import RunConfig
 from dmsae_ray.coordinator import CoordinatorState, coordinator_name, get_coordinator
 from dmsae_ray.core import Core
@@ -74,8 +74,8 @@ class RayBackend:
         ds = activation_dataset(self.cfg, self._tokens(), self.data.specials)
         if self.cfg.data.cache_activations:
             self.state.set_stage("activations")
-            fs, path = cache_location(self.cfg, self.rd.root)
-            ds = cached_dataset(ds, fs, path, cache_key(self.cfg), self.log)
+            cache = ActivationCache.of(self.cfg, self.rd.root)
+            ds = cached_dataset(ds, cache.fs, cache.path, cache.key, self.log, cache.retry)
         return ds
 
     def norm_factor(self) -> float:

@@ -45,10 +45,6 @@ class RunDir:
     def core_dir(self) -> Path:
         return self.root / "core"
 
-    @property
-    def activations_path(self) -> Path:
-        return self.root / "activations" / "train.safetensors"
-
     # config and state
     def init(self, cfg: RunConfig) -> RunConfig:
         """Write the config on a new run; on an existing one the stored config wins, so a

@@ -1,23 +1,22 @@
-"""dmsae_ray/buffer.py: the activation cache's key, the shuffle buffer, the in-process cache,
-and batching the LM over token blocks."""
+"""dmsae_ray/buffer.py: the training blocks a budget needs, the shuffle buffer, the epochs
+over rows held in memory, and batching the LM over token blocks. The activation cache itself:
+test_activation_cache.py."""
 
 from __future__ import annotations
 
 import itertools
 import math
-from pathlib import Path
 
 import pytest
 import torch
 
-from dmsae_ray import buffer as buffer_mod
 from dmsae_ray.buffer import (
     CachedActivations,
     block_activations,
+    block_activations_at,
     blocks_needed,
-    cache_digest,
-    cache_key,
     iter_activations,
+    iter_activations_at,
     shuffled_batches,
 )
 from dmsae_ray.config import validate
@@ -42,48 +41,6 @@ def test_blocks_needed_covers_the_tokens_without_the_bos_of_each_block():
     assert blocks_needed(cfg_with(train={"tokens_per_cycle": 630, "batch_size": 10},
                                   data={"context_length": 64})) == 10
     assert blocks_needed(cfg_with(train={"tokens_per_cycle": 631, "batch_size": 1})) == 11
-
-
-def test_cache_digest_follows_what_the_activations_depend_on():
-    base = cache_digest(cfg_with())
-    assert len(base) == 16 and int(base, 16) >= 0
-    assert cache_digest(cfg_with()) == base  # deterministic
-    changed = {
-        "model name": {"model": {"name": "other/model"}},
-        "layer": {"model": {"layer": 4}},
-        "dtype": {"model": {"dtype": "bfloat16"}},
-        "revision": {"model": {"revision": "v2"}},
-        "dataset": {"data": {"dataset": "other.jsonl"}},
-        "text field": {"data": {"text_field": "body"}},
-        "context length": {"data": {"context_length": 128}},
-        # The held-out blocks come first: the training blocks start after them.
-        "held-out blocks": {"data": {"attribution_sequences": 7}},
-        "token budget": {"train": {"tokens_per_cycle": 8192}},
-    }
-    for what, sections in changed.items():
-        assert cache_digest(cfg_with(**sections)) != base, what
-    unrelated = {
-        "sae.k": {"sae": {"k": 16}},
-        "sae.width": {"sae": {"width": 512}},
-        "train.lr": {"train": {"lr": 1e-2}},
-        "train.seed": {"train": {"seed": 7}},
-        "train.batch_size": {"train": {"batch_size": 128}},
-        "distill": {"distill": {"tau": 0.5, "cycles": 1}},
-        "attribution": {"attribution": {"pooling": "mean"}},
-        "ray": {"ray": {"enabled": True, "num_workers": 2}},
-        "run_dir": {"run_dir": "runs/b"},
-        "caching on": {"data": {"cache_activations": True}},
-        "where the cache is": {"data": {"cache_activations": True, "activation_cache": "/a"}},
-    }
-    for what, sections in unrelated.items():
-        assert cache_digest(cfg_with(**sections)) == base, what
-
-
-def test_cache_key_is_plain_json_and_names_the_blocks():
-    key = cache_key(cfg_with())
-    assert set(key) == {"model", "data", "blocks"} and key["blocks"] == 66
-    assert "cache_activations" not in key["data"] and "activation_cache" not in key["data"]
-    assert key["model"]["name"] == "some/model" and key["model"]["layer"] == 3
 
 
 # ----------------------------------------------------------------------------- shuffling
@@ -126,7 +83,7 @@ def test_shuffled_batches_of_fewer_rows_than_a_batch_yield_nothing():
     assert list(shuffled_batches(iter([]), 16, 64, seed=0)) == []
 
 
-# ----------------------------------------------------------------------------- the cache
+# ----------------------------------------------------------------------------- epochs
 
 
 def test_epochs_are_reshuffled_permutations_of_the_rows():
@@ -151,41 +108,6 @@ def test_epochs_refuse_fewer_rows_than_a_batch():
         next(CachedActivations.epochs(torch.zeros(5, 2), 8, seed=0))
 
 
-def test_build_stops_at_max_rows_and_round_trips(tmp_path):
-    chunks = numbered_chunks([30, 30, 30])
-    consumed = []
-
-    def rows():
-        for c in chunks:
-            consumed.append(len(c))
-            yield c
-        raise AssertionError("read past max_rows")  # pragma: no cover
-
-    cache = CachedActivations(tmp_path / "activations" / "train.safetensors")
-    assert not cache.exists()
-    lines: list[str] = []
-    cache.build(rows(), max_rows=50, log=lines.append)
-    assert consumed == [30, 30]  # stopped once 50 rows were there
-    assert cache.exists()
-    assert torch.equal(cache.load(), torch.cat(chunks)[:50])
-    assert lines and lines[0].startswith("activations ") and "/50 tokens" in lines[-1]
-    assert [p.name for p in cache.path.parent.iterdir()] == ["train.safetensors"]
-
-
-@pytest.mark.parametrize("error", [OSError("No space left on device"), KeyboardInterrupt()])
-def test_a_failed_build_leaves_no_temp_file(tmp_path, monkeypatch, error):
-    def fail(tensors, path):
-        Path(path).write_bytes(b"half")  # a partial file, then the failure
-        raise error
-
-    monkeypatch.setattr(buffer_mod, "save_file", fail)
-    cache = CachedActivations(tmp_path / "train.safetensors")
-    with pytest.raises(type(error)):
-        cache.build(iter(numbered_chunks([10])), max_rows=10, log=lambda s: None)
-    assert not cache.exists()
-    assert list(tmp_path.iterdir()) == []
-
-
 # ----------------------------------------------------------------------------- the LM
 
 
@@ -201,3 +123,23 @@ def test_iter_activations_batches_blocks_like_one_forward(tiny_lm):
     whole = block_activations(model, torch.stack(blocks), 1, specials)
     assert whole.dtype == torch.float32 and whole.shape == (55, model.config.hidden_size)
     torch.testing.assert_close(torch.cat(chunks), whole)
+
+
+def test_rows_are_numbered_by_their_block_in_the_stream(tiny_lm):
+    model, tok = tiny_lm
+    gen = torch.Generator().manual_seed(1)
+    blocks = [torch.randint(5, 100, (12,), generator=gen) for _ in range(5)]
+    for b in blocks:
+        b[0] = tok.bos_token_id
+    blocks[3][6] = tok.bos_token_id  # a document boundary inside a block: dropped too
+    specials = [tok.bos_token_id]
+    chunks = list(iter_activations_at(model, iter(blocks), 1, specials, 2, first_block=10))
+    assert [len(x) for x, _ in chunks] == [22, 21, 11]
+    x, pos = (torch.cat(parts) for parts in zip(*chunks, strict=True))
+    whole, expected = block_activations_at(model, torch.stack(blocks), torch.arange(10, 15), 1,
+                                           specials)
+    assert torch.equal(pos, expected) and pos[0] == 10 * 12 + 1 and 13 * 12 + 6 not in pos
+    torch.testing.assert_close(x, whole)
+    # The same rows as without positions, bit for bit.
+    plain = list(iter_activations(model, iter(blocks), 1, specials, llm_batch_size=2))
+    assert all(torch.equal(a, b) for a, (b, _) in zip(plain, chunks, strict=True))

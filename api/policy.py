@@ -28,7 +28,7 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from dmsae_ray.config import EMBEDDED_CORPUS, EMBEDDED_MODEL, RunConfig
-from dmsae_ray.sweep_plan import SweepSpec
+from dmsae_ray.service import SweepSpec
 
 # The built-in names the model layer resolves itself (lm.resolve_model_path and
 # data.resolve_dataset; gemma3_model.GEMMA3_MODEL / GEMMA3_CORPUS, not imported here: the

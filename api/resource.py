@@ -22,7 +22,7 @@ from fastapi.exceptions import RequestValidationError
 
 from api.policy import Rejected
 from dmsae_ray import service
-from dmsae_ray.sweep_plan import SweepError
+from dmsae_ray.service import SweepError
 
 Item = TypeVar("Item")  # how a collection hands one item around: a run's record, a sweep's id
 

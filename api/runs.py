@@ -152,7 +152,7 @@ class Runs(Resource[RunRecord]):
             "cycles": cycles,
             "ray_job": job.as_dict() if job else None,
             "ray_reachable": reachable,
-            # state.json says running: is its driver alive (heartbeat, dmsae_ray/heartbeat.py)?
+            # state.json says running: is its driver alive (heartbeat, dmsae_ray/run/heartbeat.py)?
             "driver": None if driver is None else {
                 "alive": driver.alive, "reason": driver.reason, "heartbeat_age_s": driver.age_s,
             },

@@ -23,7 +23,7 @@ from api.policy import Admission
 from api.resource import MEDIA, NotFound, Resource, new_id
 from dmsae_ray import service
 from dmsae_ray.config import RunConfig
-from dmsae_ray.sweep_plan import SweepSpec
+from dmsae_ray.service import SweepSpec
 
 RECORD_FILE, REQUEST_FILE = service.SWEEP_RECORD_FILE, service.SWEEP_REQUEST_FILE
 STATE_FILE, SWEEP_FILE = service.SWEEP_STATE_FILE, service.SWEEP_PLAN_FILE

@@ -14,7 +14,7 @@ details.
 
 The core browser's contexts are what ``dmsae inspect`` computes; they need torch and the
 model, which this process never imports: the first request for a cycle starts
-``python -m dmsae_ray.inspect_latents RUN_DIR CYCLE`` in a subprocess (one at a time), which
+``python -m dmsae_ray.tools.inspect_latents RUN_DIR CYCLE`` in a subprocess (one at a time), which
 writes ``cycles/NNN/inspect.json``; the page says "computing" until the file is there.
 """
 
@@ -46,7 +46,7 @@ HERE = Path(__file__).parent
 TEMPLATES = HERE / "templates"
 STATIC = HERE / "static"
 
-# The core browser's cache, written by dmsae_ray/inspect_latents.py (keep these in step with
+# The core browser's cache, written by dmsae_ray/tools/inspect_latents.py (keep these in step with
 # its CACHE_FILE, CACHE_VERSION and CACHE_DEFAULTS; tests/test_ui.py checks).
 CSP = (
     "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
@@ -61,7 +61,7 @@ HEADERS = {
 }
 
 # "[cycle 2] step 400/512 mse 0.1234 nested 0.2345 L0 64.0 (core 6.9) dead 3", the line every
-# trainer prints each train.log_every steps (dmsae_ray/trainer.py MetricWindow.line); on Ray
+# trainer prints each train.log_every steps (dmsae_ray/algo/trainer.py MetricWindow.line); on Ray
 # it is prefixed by the worker's name.
 class LoginRequired(Exception):
     def __init__(self, next_url: str) -> None:

@@ -112,8 +112,8 @@ class Contexts:
         try:
             with self._slot:
                 if self.read(run_dir, cycle) is None:
-                    cmd = [sys.executable, "-m", "dmsae_ray.inspect_latents", run_dir, str(cycle),
-                           *(f"--{k}={v}" for k, v in INSPECT_PARAMS.items())]
+                    cmd = [sys.executable, "-m", "dmsae_ray.tools.inspect_latents", run_dir,
+                           str(cycle), *(f"--{k}={v}" for k, v in INSPECT_PARAMS.items())]
                     out = subprocess.run(cmd, capture_output=True, text=True,
                                          timeout=self.timeout_s, stdin=subprocess.DEVNULL)
                     if out.returncode != 0:

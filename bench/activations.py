@@ -35,14 +35,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import fmt_table, median, print_header  # noqa: E402
 
-from dmsae_ray.buffer import block_activations, iter_activations  # noqa: E402
 from dmsae_ray.config import ModelConfig, RunConfig  # noqa: E402
-from dmsae_ray.lm import (  # noqa: E402
+from dmsae_ray.model.lm import (  # noqa: E402
     layer_activations,
     layer_activations_full,
     load_lm,
     pick_dtype,
 )
+from dmsae_ray.run.buffer import block_activations, iter_activations  # noqa: E402
 
 
 def random_blocks(n: int, seq: int, vocab: int, bos: int, seed: int = 0) -> torch.Tensor:
@@ -142,7 +142,7 @@ def ray_section(args: argparse.Namespace, model, specials: list[int], bos: int) 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
 
-    from dmsae_ray.activations import activation_dataset, write_token_blocks
+    from dmsae_ray.distributed.activations import activation_dataset, write_token_blocks
 
     n_blocks = args.ray_blocks
     blocks = random_blocks(n_blocks, args.seq, model.config.vocab_size, bos, seed=1)

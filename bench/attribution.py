@@ -25,10 +25,10 @@ from common import MemoryPeak, fmt_table, median, print_header, run_worker  # no
 
 
 def worker(spec: dict) -> dict:
-    from dmsae_ray.attribution import attribute
+    from dmsae_ray.algo.attribution import attribute
+    from dmsae_ray.algo.sae import MatryoshkaBatchTopKSAE
     from dmsae_ray.config import AttributionConfig, ModelConfig
-    from dmsae_ray.lm import layer_activations, load_lm
-    from dmsae_ray.sae import MatryoshkaBatchTopKSAE
+    from dmsae_ray.model.lm import layer_activations, load_lm
 
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])

@@ -73,9 +73,9 @@ def make_batches(d_in: int, batch: int, seed: int, n: int = 2) -> list[torch.Ten
 
 
 def ours_step(spec: dict, device: torch.device):
+    from dmsae_ray.algo.sae import MatryoshkaBatchTopKSAE
+    from dmsae_ray.algo.trainer import SAELoss, SAETrainer
     from dmsae_ray.config import SAEConfig, TrainConfig
-    from dmsae_ray.sae import MatryoshkaBatchTopKSAE
-    from dmsae_ray.trainer import SAELoss, SAETrainer
 
     d_in, width, k, batch, core = (spec[key] for key in ("d_in", "width", "k", "batch", "core"))
     sae = MatryoshkaBatchTopKSAE(d_in, width, k, core, group_fractions=FRACS)
@@ -115,7 +115,7 @@ def saelens_step(spec: dict, device: torch.device):
     )
     from sae_lens.saes.sae import TrainStepInput
 
-    from dmsae_ray.sae import group_sizes
+    from dmsae_ray.algo.sae import group_sizes
 
     d_in, width, k = (spec[key] for key in ("d_in", "width", "k"))
     # SAELens has no frozen core: its levels are our group ends at core size 0.

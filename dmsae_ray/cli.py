@@ -9,11 +9,11 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dmsae_ray.compare import DEFAULT_SEEDS
 from dmsae_ray.config import ConfigError, RunConfig, load_config
+from dmsae_ray.tools.compare import DEFAULT_SEEDS
 
 if TYPE_CHECKING:
-    from dmsae_ray.sweep_plan import SweepPlan
+    from dmsae_ray.run.sweep_plan import SweepPlan
 
 DESCRIPTION = """\
 dmsae-ray: Distilled Matryoshka Sparse Autoencoders.
@@ -84,7 +84,7 @@ def _config(args: argparse.Namespace) -> RunConfig:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from dmsae_ray.pipeline import run
+    from dmsae_ray.run.pipeline import run
 
     cfg = _config(args)
     # `ray job stop` sends SIGTERM: end like Ctrl-C so the state says "stopped", not "running".
@@ -108,8 +108,8 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     # Torch-free (runfiles, heartbeat): the status of a run answers in a fraction of a second.
-    from dmsae_ray import runfiles
-    from dmsae_ray.heartbeat import driver_liveness
+    from dmsae_ray.run import runfiles
+    from dmsae_ray.run.heartbeat import driver_liveness
 
     root = Path(args.run_dir).expanduser()
     if not (root / runfiles.CONFIG_FILE).is_file():
@@ -192,7 +192,7 @@ def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def sweep_plan_from_args(args: argparse.Namespace) -> SweepPlan:
-    from dmsae_ray.sweep_plan import load_sweep, parse_values
+    from dmsae_ray.run.sweep_plan import load_sweep, parse_values
 
     grid: dict[str, list[Any]] = {}
     for text in args.grid:
@@ -217,9 +217,9 @@ def sweep_plan_from_args(args: argparse.Namespace) -> SweepPlan:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from dmsae_ray.sweep_plan import SUMMARY_CSV, SUMMARY_MD
-    from dmsae_ray.sweep_summary import trial_done
-    from dmsae_ray.tuning import run_sweep
+    from dmsae_ray.distributed.tuning import run_sweep
+    from dmsae_ray.run.sweep_plan import SUMMARY_CSV, SUMMARY_MD
+    from dmsae_ray.run.sweep_summary import trial_done
 
     plan = sweep_plan_from_args(args)
     if args.dry_run:
@@ -257,8 +257,8 @@ def _live_state(root: Path, address: str) -> dict:
     state file when the run has no live coordinator."""
     import ray
 
-    from dmsae_ray import runfiles
-    from dmsae_ray.coordinator import get_coordinator
+    from dmsae_ray.distributed.coordinator import get_coordinator
+    from dmsae_ray.run import runfiles
 
     ray.init(address=address, logging_level="ERROR", log_to_driver=False)
     try:
@@ -270,7 +270,7 @@ def _live_state(root: Path, address: str) -> dict:
 
 
 def cmd_transfer(args: argparse.Namespace) -> int:
-    from dmsae_ray.transfer import parse_ks, run_transfer, summarize
+    from dmsae_ray.tools.transfer import parse_ks, run_transfer, summarize
 
     rows = run_transfer(
         args.core, parse_ks(args.k), out=args.out, config=args.config, overrides=args.set,
@@ -282,15 +282,15 @@ def cmd_transfer(args: argparse.Namespace) -> int:
 
 
 def cmd_study(args: argparse.Namespace) -> int:
-    from dmsae_ray.study import run_study
-    from dmsae_ray.transfer import parse_ks
+    from dmsae_ray.tools.study import run_study
+    from dmsae_ray.tools.transfer import parse_ks
 
     run_study(args.config, args.out, parse_ks(args.k), seeds=args.seeds, overrides=args.set)
     return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from dmsae_ray.report import build_report
+    from dmsae_ray.tools.report import build_report
 
     files = build_report(args.run_dir, transfer=args.transfer, out=args.out)
     print(f"{files['summary']} ({len(files) - 1} plots)")
@@ -298,7 +298,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from dmsae_ray.export_run import export_run
+    from dmsae_ray.tools.export import export_run
 
     export_run(
         args.run_dir, args.out, cycle=args.cycle, hub_layout=args.hub_layout,
@@ -308,7 +308,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from dmsae_ray.inspect_latents import format_latents, inspect_latents
+    from dmsae_ray.tools.inspect_latents import format_latents, inspect_latents
 
     latents = [s for spec in args.latent for s in spec.split(",") if s] or None
     results = inspect_latents(

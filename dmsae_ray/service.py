@@ -25,17 +25,17 @@ import shlex
 from pathlib import Path
 from typing import Any
 
-from dmsae_ray import sweep_plan
 from dmsae_ray.config import RunConfig
-from dmsae_ray.heartbeat import Liveness
-from dmsae_ray.heartbeat import driver_liveness as driver_liveness  # api/ reads it here
+from dmsae_ray.distributed.ray_jobs import STOP_ENV as STOP_ENV
+from dmsae_ray.distributed.ray_jobs import JobInfo as JobInfo
+from dmsae_ray.distributed.ray_jobs import RayJobs as RayJobs
+from dmsae_ray.distributed.ray_jobs import RayUnavailable as RayUnavailable
+from dmsae_ray.distributed.ray_jobs import ServiceError as ServiceError
 from dmsae_ray.jsonio import atomic_write_json, atomic_write_text, read_json_or_none
-from dmsae_ray.ray_jobs import STOP_ENV as STOP_ENV
-from dmsae_ray.ray_jobs import JobInfo as JobInfo
-from dmsae_ray.ray_jobs import RayJobs as RayJobs
-from dmsae_ray.ray_jobs import RayUnavailable as RayUnavailable
-from dmsae_ray.ray_jobs import ServiceError as ServiceError
-from dmsae_ray.runfiles import (
+from dmsae_ray.run import sweep_plan
+from dmsae_ray.run.heartbeat import Liveness
+from dmsae_ray.run.heartbeat import driver_liveness as driver_liveness  # api/ reads it here
+from dmsae_ray.run.runfiles import (
     COMPLETED,
     FAILED,
     REQUEST_FILE,
@@ -137,9 +137,11 @@ def submit_sweep(
 # The sweep directory's files (sweep_plan.py names them; api/sweeps.py reads them through here).
 SWEEP_PLAN_FILE, SWEEP_STATE_FILE = sweep_plan.SWEEP_FILE, sweep_plan.STATE_FILE
 SWEEP_REQUEST_FILE, SWEEP_RECORD_FILE = sweep_plan.REQUEST_FILE, sweep_plan.RECORD_FILE
+# The sweep section's type and its validation error, as api/ sees them (it imports no sweep code).
+SweepSpec, SweepError = sweep_plan.SweepSpec, sweep_plan.SweepError
 
 
-def plan_sweep(base: RunConfig, spec: sweep_plan.SweepSpec, sweep_dir: Path) -> Any:
+def plan_sweep(base: RunConfig, spec: SweepSpec, sweep_dir: Path) -> Any:
     """Every trial of a sweep, validated before anything runs (``SweepError`` names the field)."""
     return sweep_plan.plan_sweep(base, spec, sweep_dir)
 
@@ -155,7 +157,7 @@ def write_json(path: Path, data: Any) -> None:
 
 def summarize_sweep(plan: dict[str, Any]) -> dict[str, Any]:
     """One row per trial, read back from the trials' run directories."""
-    from dmsae_ray.sweep_summary import summarize
+    from dmsae_ray.run.sweep_summary import summarize
 
     return summarize(plan)
 
@@ -183,7 +185,7 @@ def run_status(
 
     The run directory is the truth about completion; the Ray job is the truth about whether
     the process still runs (a killed job leaves state.json at "running"). Without Ray, the
-    driver's heartbeat (``driver``, dmsae_ray/heartbeat.py) says whether "running" still holds.
+    driver's heartbeat (``driver``, dmsae_ray/run/heartbeat.py) says whether "running" still holds.
     """
     s = (state or {}).get("status")
     s_err = (state or {}).get("error")

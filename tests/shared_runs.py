@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from conftest import tiny_config
 
-from dmsae_ray import pipeline
 from dmsae_ray.config import validate
+from dmsae_ray.run import pipeline
 
 
 def finished_core_run(tiny_dir: dict[str, Path], factory: pytest.TempPathFactory) -> Path:

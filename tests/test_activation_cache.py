@@ -1,4 +1,4 @@
-"""dmsae_ray/activation_cache.py: the one activation cache of both backends. Its key and
+"""dmsae_ray/run/activation_cache.py: the one activation cache of both backends. Its key and
 location, the commit (an attempt named by COMMIT.json with its key), the parquet rows written
 without Ray and read back in token-stream order, and each backend reading what the other wrote.
 """
@@ -16,7 +16,8 @@ import torch
 from conftest import tiny_config
 
 from dmsae_ray import storage
-from dmsae_ray.activation_cache import (
+from dmsae_ray.config import validate
+from dmsae_ray.run.activation_cache import (
     COMMIT,
     FILE,
     ActivationCache,
@@ -27,7 +28,6 @@ from dmsae_ray.activation_cache import (
     read_rows,
     write_rows,
 )
-from dmsae_ray.config import validate
 
 
 def cfg_with(run_dir="runs/a", **sections):
@@ -229,7 +229,7 @@ def test_only_rows_past_the_keys_blocks_call_for_a_filter(tmp_path):
 def test_a_cache_written_by_ray_data_is_read_without_ray(ray_head, tmp_path):
     import ray
 
-    from dmsae_ray.activations import cached_dataset
+    from dmsae_ray.distributed.activations import cached_dataset
 
     d, context = 4, 8
     x, pos = cat(rows(6, context, d))
@@ -257,7 +257,7 @@ import pyarrow.parquet as pq
 from pathlib import Path
 import torch
 from dmsae_ray import storage
-from dmsae_ray.activation_cache import read_rows, schema
+from dmsae_ray.run.activation_cache import read_rows, schema
 files = sorted(Path({attempt.path!r}).glob("*.parquet")) + [Path({local!r}) / {FILE!r}]
 assert len(files) > 1
 assert all(pq.read_schema(f).equals(schema({d}), check_metadata=True) for f in files)
@@ -273,7 +273,7 @@ torch.save({{"x": x, "pos": pos}}, {str(out_file)!r})
 def test_a_cache_written_without_ray_is_read_by_ray_data(ray_head, tmp_path):
     import ray
 
-    from dmsae_ray.activations import cached_dataset
+    from dmsae_ray.distributed.activations import cached_dataset
 
     context, d = 8, 4
     key = {"blocks": 4, "data": {"context_length": context}}
@@ -308,8 +308,8 @@ def local_backend(tiny_dir, root: Path):
     """A LocalBackend of the tiny model whose activation cache is under ``root / "acts"``.
     Its budget is exactly 65 blocks of 63 tokens after their BOS: the BOS between documents
     inside those blocks is dropped too, so they hold fewer rows than the budget."""
-    from dmsae_ray.local_backend import LocalBackend
-    from dmsae_ray.rundir import RunDir
+    from dmsae_ray.run.local_backend import LocalBackend
+    from dmsae_ray.run.rundir import RunDir
 
     cfg = validate(tiny_config(tiny_dir, root / "run", train={"tokens_per_cycle": 65 * 63},
                                data={"activation_cache": str(root / "acts")}))

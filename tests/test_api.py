@@ -147,7 +147,7 @@ def test_admission_rules_without_a_server(tmp_path):
     """api/policy.py alone: hub ids, built-in names, roots, cache prefixes."""
     from api.policy import BUILTIN_DATASETS, BUILTIN_MODELS, Admission, Rejected
     from dmsae_ray.config import EMBEDDED_CORPUS, EMBEDDED_MODEL, RunConfig
-    from dmsae_ray.gemma3_model import GEMMA3_CORPUS, GEMMA3_MODEL
+    from dmsae_ray.model.gemma3_model import GEMMA3_CORPUS, GEMMA3_MODEL
 
     # The names the model layer resolves itself, and no others.
     assert BUILTIN_MODELS == {EMBEDDED_MODEL, GEMMA3_MODEL}

@@ -1,6 +1,6 @@
 import torch
 
-from dmsae_ray.attribution import (
+from dmsae_ray.algo.attribution import (
     attribute,
     attribution_scores,
     column_quantile,
@@ -8,10 +8,10 @@ from dmsae_ray.attribution import (
     signed_to_pooled_input,
     spliced_loss,
 )
+from dmsae_ray.algo.sae import MatryoshkaBatchTopKSAE
 from dmsae_ray.config import AttributionConfig
-from dmsae_ray.data import special_ids, valid_mask
-from dmsae_ray.lm import layer_activations, replace_layer_output
-from dmsae_ray.sae import MatryoshkaBatchTopKSAE
+from dmsae_ray.model.data import special_ids, valid_mask
+from dmsae_ray.model.lm import layer_activations, replace_layer_output
 
 LAYER = 1
 

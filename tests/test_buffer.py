@@ -1,4 +1,4 @@
-"""dmsae_ray/buffer.py: the training blocks a budget needs, the shuffle buffer, the epochs
+"""dmsae_ray/run/buffer.py: the training blocks a budget needs, the shuffle buffer, the epochs
 over rows held in memory, and batching the LM over token blocks. The activation cache itself:
 test_activation_cache.py."""
 
@@ -10,7 +10,8 @@ import math
 import pytest
 import torch
 
-from dmsae_ray.buffer import (
+from dmsae_ray.config import validate
+from dmsae_ray.run.buffer import (
     CachedActivations,
     block_activations,
     block_activations_at,
@@ -19,7 +20,6 @@ from dmsae_ray.buffer import (
     iter_activations_at,
     shuffled_batches,
 )
-from dmsae_ray.config import validate
 
 
 def cfg_with(run_dir="runs/a", **sections):

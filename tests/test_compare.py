@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from dmsae_ray.compare import Z, aggregate, at_l0, compare, curve, tally, verdict
+from dmsae_ray.tools.compare import Z, aggregate, at_l0, compare, curve, tally, verdict
 
 approx = pytest.approx
 

@@ -1,6 +1,6 @@
-"""dmsae_ray/coordinator.py on the session's real Ray cluster: the coordinator actor owns a
-run's state, writes every change to state.json, and a new or restarted actor picks it up
-from there."""
+"""dmsae_ray/distributed/coordinator.py on the session's real Ray cluster: the coordinator actor
+owns a run's state, writes every change to state.json, and a new or restarted actor picks it up from
+there."""
 
 from __future__ import annotations
 
@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 import ray
 
-from dmsae_ray.coordinator import (
+from dmsae_ray.distributed.coordinator import (
     NAMESPACE,
     CoordinatorState,
     coordinator_name,
     get_coordinator,
 )
-from dmsae_ray.rundir import RunDir
+from dmsae_ray.run.rundir import RunDir
 
 
 @pytest.fixture

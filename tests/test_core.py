@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from dmsae_ray.core import Core, jaccard, select_core, select_minimal, selection_counts
-from dmsae_ray.sae import MatryoshkaBatchTopKSAE
+from dmsae_ray.algo.core import Core, jaccard, select_core, select_minimal, selection_counts
+from dmsae_ray.algo.sae import MatryoshkaBatchTopKSAE
 
 
 def brute_force_min(scores: list[float], tau: float) -> int:

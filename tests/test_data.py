@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from dmsae_ray.config import ConfigError, DataConfig
-from dmsae_ray.data import iter_texts, load_token_data, valid_mask
+from dmsae_ray.model.data import iter_texts, load_token_data, valid_mask
 
 
 def test_blocks_have_fixed_length_bos_and_disjoint_holdout(tiny_dir, tiny_lm):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from dmsae_ray import default_model as dm
+from dmsae_ray.model import default_model as dm
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -142,7 +142,7 @@ def test_download_failure_is_clear(tmp_path: Path, monkeypatch: pytest.MonkeyPat
 
 
 def test_build_once_is_atomic_and_tolerates_a_faster_builder(tmp_path: Path) -> None:
-    from dmsae_ray.default_model import build_once
+    from dmsae_ray.model.default_model import build_once
 
     out = tmp_path / "model"
 

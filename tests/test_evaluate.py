@@ -7,10 +7,8 @@ import torch
 import torch.nn.functional as F
 from conftest import tiny_config
 
-from dmsae_ray.config import validate
-from dmsae_ray.core import Core, build_sae
-from dmsae_ray.data import load_token_data, valid_mask
-from dmsae_ray.evaluate import (
+from dmsae_ray.algo.core import Core, build_sae
+from dmsae_ray.algo.evaluate import (
     CoreStats,
     ce_loss_score,
     density_histogram,
@@ -24,8 +22,10 @@ from dmsae_ray.evaluate import (
     run_eval,
     token_ce_kl,
 )
-from dmsae_ray.lm import layer_activations, replace_layer_output
-from dmsae_ray.sae import MatryoshkaBatchTopKSAE
+from dmsae_ray.algo.sae import MatryoshkaBatchTopKSAE
+from dmsae_ray.config import validate
+from dmsae_ray.model.data import load_token_data, valid_mask
+from dmsae_ray.model.lm import layer_activations, replace_layer_output
 
 approx = pytest.approx
 
@@ -128,7 +128,7 @@ def test_ce_and_kl_per_token_by_hand():
 
 
 def test_chunked_log_probs_match_the_unchunked_formula(monkeypatch):
-    import dmsae_ray.evaluate as ev
+    import dmsae_ray.algo.evaluate as ev
 
     torch.manual_seed(0)
     clean, new = torch.randn(2, 7, 5), torch.randn(2, 7, 5)

@@ -7,9 +7,9 @@ import torch
 from conftest import tiny_config
 from safetensors.torch import load_file
 
+from dmsae_ray.algo.core import Core, build_sae
 from dmsae_ray.config import validate
-from dmsae_ray.core import Core, build_sae
-from dmsae_ray.export import write_saelens
+from dmsae_ray.run.saelens import write_saelens
 
 
 @pytest.mark.parametrize("core_activation", ["relu", "batchtopk"])

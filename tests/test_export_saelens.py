@@ -12,12 +12,12 @@ from safetensors.torch import load_file
 from shared_runs import finished_core_run
 
 from dmsae_ray import cli
+from dmsae_ray.algo.evaluate import log_sparsity
 from dmsae_ray.config import validate
-from dmsae_ray.data import load_token_data, valid_mask
-from dmsae_ray.evaluate import log_sparsity
-from dmsae_ray.export_run import export_run
-from dmsae_ray.lm import layer_activations
-from dmsae_ray.rundir import RunDir
+from dmsae_ray.model.data import load_token_data, valid_mask
+from dmsae_ray.model.lm import layer_activations
+from dmsae_ray.run.rundir import RunDir
+from dmsae_ray.tools.export import export_run
 
 
 @pytest.fixture(scope="module")

@@ -9,10 +9,10 @@ import copy
 import pytest
 import torch
 
+from dmsae_ray.algo.kernels import batch_topk_positions
+from dmsae_ray.algo.sae import MatryoshkaBatchTopKSAE
+from dmsae_ray.algo.trainer import SAETrainer
 from dmsae_ray.config import SAEConfig, TrainConfig
-from dmsae_ray.kernels import batch_topk_positions
-from dmsae_ray.sae import MatryoshkaBatchTopKSAE
-from dmsae_ray.trainer import SAETrainer
 
 FRACS = [1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2 + 1 / 32]
 D, WIDTH, K, N = 32, 2048, 8, 64  # N * WIDTH = 131k candidates > 2**16

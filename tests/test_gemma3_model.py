@@ -22,10 +22,10 @@ from pathlib import Path
 
 import pytest
 
-from dmsae_ray import gemma3_model as g3
 from dmsae_ray.config import DataConfig, ModelConfig
-from dmsae_ray.data import iter_blocks, resolve_dataset
-from dmsae_ray.default_model import DEFAULT_CACHE_DIR
+from dmsae_ray.model import gemma3_model as g3
+from dmsae_ray.model.data import iter_blocks, resolve_dataset
+from dmsae_ray.model.default_model import DEFAULT_CACHE_DIR
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -71,7 +71,7 @@ def model_dir() -> Path:
 
 @pytest.fixture(scope="module")
 def lm_and_tokenizer(model_dir: Path):
-    from dmsae_ray.lm import load_lm, load_tokenizer
+    from dmsae_ray.model.lm import load_lm, load_tokenizer
 
     cfg = ModelConfig(name=g3.GEMMA3_MODEL, layer=g3.MIDDLE_LAYER, dtype="float32")
     t0 = time.perf_counter()
@@ -92,7 +92,7 @@ def test_fetch_is_idempotent_and_verified(model_dir: Path) -> None:
 
 
 def test_config_through_the_project(model_dir: Path) -> None:
-    from dmsae_ray.lm import hidden_size_of, num_layers_of, resolve_model_path, text_config_of
+    from dmsae_ray.model.lm import hidden_size_of, num_layers_of, resolve_model_path, text_config_of
 
     cfg = ModelConfig(name=g3.GEMMA3_MODEL)
     assert resolve_model_path(cfg.name) == str(model_dir)
@@ -116,7 +116,7 @@ def test_greedy_continuations(lm_and_tokenizer) -> None:
 
 
 def test_hook_at_the_middle_layer(lm_and_tokenizer) -> None:
-    from dmsae_ray.lm import decoder_layers, layer_activations, replace_layer_output
+    from dmsae_ray.model.lm import decoder_layers, layer_activations, replace_layer_output
 
     model, tokenizer = lm_and_tokenizer
     assert len(decoder_layers(model)) == g3.NUM_LAYERS

@@ -18,11 +18,11 @@ import pytest
 import torch
 from test_fast_path import N, batch, loss_and_grads, make_pair
 
-from dmsae_ray.attribution import attribute
+from dmsae_ray.algo.attribution import attribute
+from dmsae_ray.algo.sae import MatryoshkaBatchTopKSAE
+from dmsae_ray.algo.trainer import SAETrainer
 from dmsae_ray.config import AttributionConfig, SAEConfig, TrainConfig
-from dmsae_ray.lm import layer_activations
-from dmsae_ray.sae import MatryoshkaBatchTopKSAE
-from dmsae_ray.trainer import SAETrainer
+from dmsae_ray.model.lm import layer_activations
 
 DEVICE = os.environ.get("DMSAE_TEST_DEVICE") or ("cuda" if torch.cuda.is_available() else "")
 pytestmark = [

@@ -16,8 +16,9 @@ import pytest
 from conftest import free_ports, tiny_config
 from fastapi import HTTPException
 
-from dmsae_ray import heartbeat, service
-from dmsae_ray.heartbeat import HEARTBEAT_FILE, Heartbeat, driver_liveness
+from dmsae_ray import service
+from dmsae_ray.run import heartbeat
+from dmsae_ray.run.heartbeat import HEARTBEAT_FILE, Heartbeat, driver_liveness
 
 RUNNING = {"status": "running"}
 

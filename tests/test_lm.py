@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from dmsae_ray.lm import (
+from dmsae_ray.model.lm import (
     decoder_layers,
     layer_activations,
     layer_activations_full,

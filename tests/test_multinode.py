@@ -30,7 +30,7 @@ import yaml
 from conftest import free_ports, tiny_config
 
 from dmsae_ray.config import validate
-from dmsae_ray.training import _batches, shard_by_block
+from dmsae_ray.distributed.training import _batches, shard_by_block
 
 RAY = {"enabled": True, "num_workers": 2, "cpus_per_worker": 0.5, "max_failures": 2}
 # Ray's defaults declare a silent node dead after about 15 s (5 failed health checks, 3 s

@@ -6,9 +6,9 @@ import pytest
 from conftest import tiny_config
 from safetensors.torch import load_file
 
-from dmsae_ray import local_backend, pipeline
 from dmsae_ray.config import ConfigError, validate
-from dmsae_ray.rundir import RunDir
+from dmsae_ray.run import local_backend, pipeline
+from dmsae_ray.run.rundir import RunDir
 
 
 @pytest.fixture(scope="module")

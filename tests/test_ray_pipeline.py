@@ -18,12 +18,12 @@ import ray
 import yaml
 from conftest import tiny_config
 
-from dmsae_ray import pipeline
 from dmsae_ray.config import validate
-from dmsae_ray.coordinator import NAMESPACE, coordinator_name
-from dmsae_ray.ray_log import KNOWN_NOISE, _logger_name, drop_known_noise
-from dmsae_ray.rundir import RunDir
-from dmsae_ray.training import FAULT_ENV
+from dmsae_ray.distributed.coordinator import NAMESPACE, coordinator_name
+from dmsae_ray.distributed.ray_log import KNOWN_NOISE, _logger_name, drop_known_noise
+from dmsae_ray.distributed.training import FAULT_ENV
+from dmsae_ray.run import pipeline
+from dmsae_ray.run.rundir import RunDir
 
 RAY = {"enabled": True, "num_workers": 2, "cpus_per_worker": 0.5, "max_failures": 1}
 

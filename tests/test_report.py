@@ -8,12 +8,12 @@ import torch
 from shared_runs import finished_core_run
 
 from dmsae_ray import cli
-from dmsae_ray.data import load_token_data, valid_mask
-from dmsae_ray.inspect_latents import encode_columns, inspect_latents, parse_latent
-from dmsae_ray.lm import layer_activations, load_tokenizer
-from dmsae_ray.report import build_report
-from dmsae_ray.rundir import RunDir
-from dmsae_ray.transfer import METRICS, VARIANTS, write_table
+from dmsae_ray.model.data import load_token_data, valid_mask
+from dmsae_ray.model.lm import layer_activations, load_tokenizer
+from dmsae_ray.run.rundir import RunDir
+from dmsae_ray.tools.inspect_latents import encode_columns, inspect_latents, parse_latent
+from dmsae_ray.tools.report import build_report
+from dmsae_ray.tools.transfer import METRICS, VARIANTS, write_table
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

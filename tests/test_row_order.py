@@ -11,10 +11,10 @@ import numpy as np
 import ray
 import torch
 
-from dmsae_ray.buffer import block_activations, block_activations_at
-from dmsae_ray.data import valid_mask
-from dmsae_ray.trainer import estimate_norm_factor
-from dmsae_ray.training import _batches
+from dmsae_ray.algo.trainer import estimate_norm_factor
+from dmsae_ray.distributed.training import _batches
+from dmsae_ray.model.data import valid_mask
+from dmsae_ray.run.buffer import block_activations, block_activations_at
 
 
 def test_norm_factor_is_the_same_for_the_same_rows_in_any_order():
@@ -71,7 +71,7 @@ def test_token_blocks_carry_their_global_index(tmp_path, monkeypatch):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from dmsae_ray import activations
+    from dmsae_ray.distributed import activations
 
     monkeypatch.setattr(activations, "BLOCKS_PER_FILE", 4)  # several files from 10 blocks
     blocks = (torch.full((6,), i) for i in range(10))

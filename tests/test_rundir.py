@@ -1,4 +1,4 @@
-"""dmsae_ray/rundir.py: the config check on resume, one cycle written all or nothing, the SAE
+"""dmsae_ray/run/rundir.py: the config check on resume, one cycle written all or nothing, the SAE
 and core round trips, and RunState."""
 
 from __future__ import annotations
@@ -9,11 +9,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from dmsae_ray import rundir as rundir_mod
+from dmsae_ray.algo.core import Core
+from dmsae_ray.algo.sae import MatryoshkaBatchTopKSAE
 from dmsae_ray.config import ConfigError, MissingInputError, validate
-from dmsae_ray.core import Core
-from dmsae_ray.rundir import RunDir, RunState
-from dmsae_ray.sae import MatryoshkaBatchTopKSAE
+from dmsae_ray.run import rundir as rundir_mod
+from dmsae_ray.run.rundir import RunDir, RunState
 
 
 def small_cfg(run_dir, **sections):

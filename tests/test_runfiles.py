@@ -10,7 +10,7 @@ import sys
 import pytest
 from shared_runs import finished_core_run
 
-from dmsae_ray.runfiles import CycleSummary, new_state, read_cycles, read_state
+from dmsae_ray.run.runfiles import CycleSummary, new_state, read_cycles, read_state
 
 # state.json's "cycles" of a two-cycle tiny run, written by the pipeline before CycleSummary
 # existed (a plain dict per cycle): the format every reader must keep reading and writing.
@@ -196,7 +196,7 @@ def test_read_cycles_of_a_state():
 
 def test_runfiles_imports_no_torch():
     # dmsae status and the service read cycles through it; torch would cost seconds.
-    code = ("import sys, dmsae_ray.runfiles; "
+    code = ("import sys, dmsae_ray.run.runfiles; "
             "print(sorted(m for m in ('torch', 'ray', 'numpy') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

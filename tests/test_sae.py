@@ -1,10 +1,10 @@
 import torch
 
+from dmsae_ray.algo.core import Core, build_sae
+from dmsae_ray.algo.kernels import geometric_median
+from dmsae_ray.algo.sae import MatryoshkaBatchTopKSAE, group_sizes
+from dmsae_ray.algo.trainer import SAETrainer, lr_lambda
 from dmsae_ray.config import SAEConfig, TrainConfig
-from dmsae_ray.core import Core, build_sae
-from dmsae_ray.kernels import geometric_median
-from dmsae_ray.sae import MatryoshkaBatchTopKSAE, group_sizes
-from dmsae_ray.trainer import SAETrainer, lr_lambda
 
 FRACS = [1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2 + 1 / 32]
 
@@ -187,7 +187,7 @@ def test_lr_schedule_warms_up_and_decays_to_zero():
 
 
 def test_metric_window_keeps_steps_on_device_until_asked():
-    from dmsae_ray.trainer import MetricWindow
+    from dmsae_ray.algo.trainer import MetricWindow
 
     window = MetricWindow(size=2)
     for step in range(3):
@@ -200,7 +200,7 @@ def test_metric_window_keeps_steps_on_device_until_asked():
 
 
 def test_trainer_keeps_a_given_loss_module_even_if_it_is_falsy():
-    from dmsae_ray.trainer import SAELoss
+    from dmsae_ray.algo.trainer import SAELoss
 
     class Empty(SAELoss):  # what len()-having wrappers look like to `or`
         def __len__(self) -> int:

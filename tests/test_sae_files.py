@@ -1,6 +1,6 @@
-"""dmsae_ray/sae_files.py: the one on-disk format of a trained SAE, written by a run directory's
-cycles and by the Ray Train worker for the driver: the bit-exact round trip, the directory
-written as a whole, and the run directory's ``sae/`` read by the same reader."""
+"""dmsae_ray/algo/sae_files.py: the one on-disk format of a trained SAE, written by a run
+directory's cycles and by the Ray Train worker for the driver: the bit-exact round trip, the
+directory written as a whole, and the run directory's ``sae/`` read by the same reader."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 import torch
 from test_rundir import small_cfg, trained_looking_sae, write_cycle
 
-from dmsae_ray.rundir import RunDir
-from dmsae_ray.sae_files import HPARAMS_FILE, METRICS_FILE, STATE_FILE, load_sae, save_sae
+from dmsae_ray.algo.sae_files import HPARAMS_FILE, METRICS_FILE, STATE_FILE, load_sae, save_sae
+from dmsae_ray.run.rundir import RunDir
 
 METRICS = {"loss": 0.1 + 0.2, "mse": 1 / 3, "l0": 8.0, "steps": 16, "resumed_from": 8}
 

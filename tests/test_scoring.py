@@ -1,6 +1,6 @@
-"""dmsae_ray/scoring.py on the session's real Ray cluster: the scoring actors give the same bits
-as the in-process attribution and evaluation, however the blocks are split across actors and
-the candidates across latent chunks."""
+"""dmsae_ray/distributed/scoring.py on the session's real Ray cluster: the scoring actors give the
+same bits as the in-process attribution and evaluation, however the blocks are split across actors
+and the candidates across latent chunks."""
 
 from __future__ import annotations
 
@@ -14,13 +14,13 @@ import torch
 from conftest import tiny_config
 from torch import Tensor, nn
 
-from dmsae_ray.attribution import attribute, pool, scored_mask, token_scores
+from dmsae_ray.algo.attribution import attribute, pool, scored_mask, token_scores
+from dmsae_ray.algo.evaluate import evaluate_sae
+from dmsae_ray.algo.sae import MatryoshkaBatchTopKSAE
 from dmsae_ray.config import RunConfig, validate
-from dmsae_ray.data import load_token_data, valid_mask
-from dmsae_ray.evaluate import evaluate_sae
-from dmsae_ray.lm import layer_activations, load_lm, load_tokenizer
-from dmsae_ray.sae import MatryoshkaBatchTopKSAE
-from dmsae_ray.scoring import ScoringPool, latent_chunks
+from dmsae_ray.distributed.scoring import ScoringPool, latent_chunks
+from dmsae_ray.model.data import load_token_data, valid_mask
+from dmsae_ray.model.lm import layer_activations, load_lm, load_tokenizer
 
 
 @dataclass

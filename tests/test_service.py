@@ -19,9 +19,10 @@ from types import SimpleNamespace
 import pytest
 import requests
 
-from dmsae_ray import ray_jobs, runfiles
 from dmsae_ray.config import RunConfig, validate
-from dmsae_ray.heartbeat import Liveness
+from dmsae_ray.distributed import ray_jobs
+from dmsae_ray.run import runfiles
+from dmsae_ray.run.heartbeat import Liveness
 from dmsae_ray.service import (
     STOP_ENV,
     ArtifactPathError,

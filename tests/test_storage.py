@@ -24,9 +24,10 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import free_ports, tiny_config
 
-from dmsae_ray import pipeline, storage
-from dmsae_ray.activations import cached_dataset
+from dmsae_ray import storage
 from dmsae_ray.config import ConfigError, validate
+from dmsae_ray.distributed.activations import cached_dataset
+from dmsae_ray.run import pipeline
 
 FAST = storage.Retry(attempts=3, backoff_s=0.05, max_backoff_s=0.2)
 

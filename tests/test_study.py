@@ -8,8 +8,8 @@ from conftest import tiny_config
 
 from dmsae_ray import cli
 from dmsae_ray.config import ConfigError
-from dmsae_ray.rundir import RunDir
-from dmsae_ray.transfer import read_table
+from dmsae_ray.run.rundir import RunDir
+from dmsae_ray.tools.transfer import read_table
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +71,7 @@ def test_a_rerun_resumes_instead_of_training_again(study, capsys):
 def test_a_k_as_wide_as_the_sae_is_refused_before_any_work(study, tmp_path):
     config, _, _ = study
     with pytest.raises(ConfigError, match="smaller than sae.width"):
-        from dmsae_ray.study import run_study
+        from dmsae_ray.tools.study import run_study
 
         run_study(str(config), tmp_path / "x", [256])
     assert not (tmp_path / "x").exists()

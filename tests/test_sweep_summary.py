@@ -1,4 +1,4 @@
-"""dmsae_ray/sweep_summary.py on hand-made trial directories: what a trial's run directory says
+"""dmsae_ray/run/sweep_summary.py on hand-made trial directories: what a trial's run directory says
 (state.json, core/core.json) becomes one row of summary.json/.csv/.md."""
 
 from __future__ import annotations
@@ -6,8 +6,8 @@ from __future__ import annotations
 import csv
 import json
 
-from dmsae_ray.sweep_plan import EVAL_METRICS, SUMMARY_CSV, SUMMARY_JSON, SUMMARY_MD
-from dmsae_ray.sweep_summary import (
+from dmsae_ray.run.sweep_plan import EVAL_METRICS, SUMMARY_CSV, SUMMARY_JSON, SUMMARY_MD
+from dmsae_ray.run.sweep_summary import (
     cycle_metrics,
     selected_every_cycle,
     summarize,

@@ -1,4 +1,4 @@
-"""dmsae_ray/trainer.py: the LR schedule, SAETrainer's step and checkpoint, the one step loop
+"""dmsae_ray/algo/trainer.py: the LR schedule, SAETrainer's step and checkpoint, the one step loop
 (run_steps: its callbacks, resume and failure semantics), the in-process cycle (its log cadence
 and progress), repeat_batches and the norm factor.
 
@@ -14,9 +14,8 @@ import re
 import pytest
 import torch
 
-from dmsae_ray.config import SAEConfig, TrainConfig
-from dmsae_ray.sae import MatryoshkaBatchTopKSAE
-from dmsae_ray.trainer import (
+from dmsae_ray.algo.sae import MatryoshkaBatchTopKSAE
+from dmsae_ray.algo.trainer import (
     MetricWindow,
     SAETrainer,
     estimate_norm_factor,
@@ -26,6 +25,7 @@ from dmsae_ray.trainer import (
     run_steps,
     train_cycle,
 )
+from dmsae_ray.config import SAEConfig, TrainConfig
 
 D, WIDTH, K, BATCH = 16, 64, 4, 64
 

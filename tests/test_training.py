@@ -1,8 +1,8 @@
-"""dmsae_ray/training.py, the Ray Train wrapper, in its parts and on the session's Ray cluster:
-where each worker's rows come from (shard_by_block), how a resumed worker's cached batches skip
-what it trained on, and the one line a worker failure prints. The whole of it, a training cycle
-with a checkpoint restart, runs in tests/test_ray_pipeline.py; the step loop it wraps is tested
-in tests/test_trainer.py and the SAE it hands to the driver in tests/test_sae_files.py."""
+"""dmsae_ray/distributed/training.py, the Ray Train wrapper, in its parts and on the session's Ray
+cluster: where each worker's rows come from (shard_by_block), how a resumed worker's cached batches
+skip what it trained on, and the one line a worker failure prints. The whole of it, a training cycle
+with a checkpoint restart, runs in tests/test_ray_pipeline.py; the step loop it wraps is tested in
+tests/test_trainer.py and the SAE it hands to the driver in tests/test_sae_files.py."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import torch
 from conftest import tiny_config
 
 from dmsae_ray.config import RunConfig, validate
-from dmsae_ray.training import FailureLine, _batches, shard_by_block
+from dmsae_ray.distributed.training import FailureLine, _batches, shard_by_block
 
 CPU = torch.device("cpu")
 ROWS, DIM, BATCH, SEED = 600, 8, 64, 5  # 9 batches an epoch, 24 rows left out of each

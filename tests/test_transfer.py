@@ -10,9 +10,9 @@ from shared_runs import finished_core_run
 
 from dmsae_ray import cli
 from dmsae_ray.config import ConfigError
-from dmsae_ray.report import build_report
-from dmsae_ray.rundir import RunDir
-from dmsae_ray.transfer import METRICS, parse_ks, random_core, read_table, run_transfer
+from dmsae_ray.run.rundir import RunDir
+from dmsae_ray.tools.report import build_report
+from dmsae_ray.tools.transfer import METRICS, parse_ks, random_core, read_table, run_transfer
 
 KS = [4, 16]
 SEEDS = 2  # the fewest that give a standard error; the default is 3

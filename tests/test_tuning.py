@@ -28,7 +28,8 @@ from serving import TOKEN, Server, read_events, stop_leftover_jobs
 
 from dmsae_ray import cli
 from dmsae_ray.config import ConfigError, validate
-from dmsae_ray.sweep_plan import (
+from dmsae_ray.distributed.tuning import run_sweep
+from dmsae_ray.run.sweep_plan import (
     PLOT_CORE,
     PLOT_JACCARD,
     SUMMARY_CSV,
@@ -39,7 +40,6 @@ from dmsae_ray.sweep_plan import (
     load_sweep,
     plan_sweep,
 )
-from dmsae_ray.tuning import run_sweep
 
 PNG = b"\x89PNG\r\n\x1a\n"
 METRICS = ("core_size", "fraction", "jaccard")

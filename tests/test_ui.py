@@ -168,7 +168,7 @@ def wait_status(api: httpx.Client, run_id: str, pred, timeout: float = 240) -> d
 
 def test_the_cache_format_is_shared_with_inspect():
     from api import ui_data as ui
-    from dmsae_ray import inspect_latents
+    from dmsae_ray.tools import inspect_latents
 
     assert ui.INSPECT_FILE == inspect_latents.CACHE_FILE
     assert ui.INSPECT_VERSION == inspect_latents.CACHE_VERSION
@@ -362,11 +362,11 @@ def test_the_transfer_page_plots_metric_against_measured_l0(browser, server, api
     browser.get(f"{server.url}/ui/runs/{rid}/transfer")
     assert css(browser, "#no-transfer")
     if SHOTS:  # the screenshot shows a real (small) transfer of this run
-        from dmsae_ray.transfer import run_transfer
+        from dmsae_ray.tools.transfer import run_transfer
 
         run_transfer(run_dir, [4, 8, 16], seeds=2, log=lambda s: None)
     else:  # the page's input as `dmsae transfer` writes it, without training 18 SAEs
-        from dmsae_ray.transfer import METRICS, write_table
+        from dmsae_ray.tools.transfer import METRICS, write_table
 
         rows = [{"k": k, "variant": v, "seed": s, "core_size": 3, "run_dir": "x"}
                 | {m: 0.5 + 0.01 * k + 0.02 * s + (0.05 if v == "distilled" else 0)

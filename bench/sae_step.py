@@ -51,7 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import MemoryPeak, fmt_table, median, print_header, run_worker  # noqa: E402
 from gpu_check_results import finite  # noqa: E402  (one NaN-to-null rule for both files)
 
-FRACS = [1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2 + 1 / 32]  # the config default (ALGORITHM.md 4.1)
+FRACS = [1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2 + 1 / 32]  # the config default (docs/algorithm.md 2)
 IMPLS = ("fast", "eager", "saelens")
 # --quick: the stories15M shape at a small width, and the Gemma-2-2B layer-12 shape the
 # targets are stated for (d_in 2304, width 16384, k 320).

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from dmsae_ray.storage import check_location, is_uri
 
-# SAEBench / dictionary_learning Matryoshka group fractions (ALGORITHM.md 4.1).
+# SAEBench / dictionary_learning Matryoshka group fractions (docs/algorithm.md section 2).
 DEFAULT_GROUP_FRACTIONS = [1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2 + 1 / 32]
 EMBEDDED_MODEL = "stories15m"
 EMBEDDED_CORPUS = "stories15m"

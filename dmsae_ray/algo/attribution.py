@@ -1,4 +1,5 @@
-"""Gradient x activation of the most nested latents on next-token loss (ALGORITHM.md section 8).
+"""Gradient x activation of the most nested latents on next-token loss (docs/algorithm.md
+section 4).
 
 At valid positions the hooked layer's output is replaced by the most nested reconstruction
 (core + first Matryoshka group), ``splice`` mode, or by that reconstruction plus a stop-gradient

@@ -1,4 +1,5 @@
-"""Core selection, transfer to the next cycle, and core stability (ALGORITHM.md 6, 9, 10)."""
+"""Core selection, transfer to the next cycle, and core stability (docs/algorithm.md sections 1
+and 4)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Matryoshka BatchTopK SAE with a frozen core block (ALGORITHM.md sections 4-6).
+"""Matryoshka BatchTopK SAE with a frozen core block (docs/algorithm.md sections 2-3).
 
 Latents ``[0, c)`` are the core: encoder columns copied from the previous cycle and kept as a
 buffer so no optimiser can ever touch them. Latents ``[c, K)`` are non-core, split into nested
@@ -45,7 +45,7 @@ if TYPE_CHECKING:  # annotations only: importing the SAE loads no config machine
 def group_sizes(
     width: int, core: int, fractions: list[float], mode: str = "fractions"
 ) -> list[int]:
-    """Non-core Matryoshka group sizes (ALGORITHM.md 4.1)."""
+    """Non-core Matryoshka group sizes (docs/algorithm.md section 2)."""
     if core >= width:
         raise ValueError(f"core size {core} must be smaller than the width {width}")
     if mode == "fractions":
@@ -253,7 +253,7 @@ class MatryoshkaBatchTopKSAE(SparsePath, nn.Module):
     def loss_reference(
         self, x: Tensor, aux_alpha: float = 1 / 32, dead_tokens: int = 10_000_000
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        """The dense eager loss, line by line ALGORITHM.md sections 4-5."""
+        """The dense eager loss, line by line docs/algorithm.md section 3."""
         enc = self.encode_train(x)
         recons = self.nested_reconstructions(enc.f)
         level_mse = torch.stack([(x - r).pow(2).sum(-1).mean() for r in recons])

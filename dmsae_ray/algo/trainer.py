@@ -1,4 +1,4 @@
-"""One cycle of SAE training in plain PyTorch (ALGORITHM.md section 7).
+"""One cycle of SAE training in plain PyTorch (docs/algorithm.md section 3, the optimiser).
 
 Ray Train wraps this (``training.py``); nothing here knows about Ray, so the same step and the
 same loop (``run_steps``) run in a unit test, in the driver, and in every data-parallel worker.

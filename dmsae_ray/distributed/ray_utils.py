@@ -27,12 +27,12 @@ def connect(cfg: RayConfig) -> None:
     else:
         # Set before ray.init, so the cluster's every process inherits them
         # (docs/architecture.md, "Ray on small machines"):
-        # without a dashboard Train V2 polls a state API that is not there (RAY_NOTES 3);
+        # without a dashboard Train V2 polls a state API that is not there;
         os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_ACTOR_RECONCILIATION", "0")
         # no node of a cluster on this one machine is preempted: no watcher actor per cycle.
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
         # Logical CPUs above the physical count: trainer workers, activation actors and Data
-        # tasks each claim one, and on 2 cores an exact count deadlocks (RAY_NOTES pitfall 1).
+        # tasks each claim one, and on 2 cores an exact count deadlocks.
         ray.init(
             num_cpus=max(4, os.cpu_count() or 1),
             include_dashboard=False,

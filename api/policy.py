@@ -32,7 +32,7 @@ from dmsae_ray.service import SweepSpec
 
 # The built-in names the model layer resolves itself (lm.resolve_model_path and
 # data.resolve_dataset; gemma3_model.GEMMA3_MODEL / GEMMA3_CORPUS, not imported here: the
-# service side imports no model layer). tests/test_api.py checks they agree.
+# service side imports no model layer). tests/test_policy.py checks they agree.
 BUILTIN_MODELS = frozenset({EMBEDDED_MODEL, "gemma3-270m"})
 BUILTIN_DATASETS = frozenset({EMBEDDED_CORPUS, "gemma3-corpus"})
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+", re.ASCII)

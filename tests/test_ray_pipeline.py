@@ -5,7 +5,6 @@ scoring actors -> coordinator; resume after a killed driver; a worker failure in
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
 import signal
@@ -20,7 +19,6 @@ from conftest import tiny_config
 
 from dmsae_ray.config import validate
 from dmsae_ray.distributed.coordinator import NAMESPACE, coordinator_name
-from dmsae_ray.distributed.ray_log import KNOWN_NOISE, _logger_name, drop_known_noise
 from dmsae_ray.distributed.training import FAULT_ENV
 from dmsae_ray.run import pipeline
 from dmsae_ray.run.rundir import RunDir
@@ -73,25 +71,6 @@ def assert_quiet_log(text: str) -> list[str]:
     assert len(steps) == len(set(steps)), steps
     assert "TrainingReport(" not in text
     return steps
-
-
-def test_known_ray_noise_is_dropped_and_nothing_else():
-    seen: list[str] = []
-    handler = logging.Handler()
-    handler.emit = lambda record: seen.append(record.getMessage())
-    drop_known_noise()
-    for name, prefix in KNOWN_NOISE:
-        name = _logger_name(name)
-        # a logger named by its module's file (Train's): that file must exist in this Ray
-        assert not name.endswith(".py") or os.path.isfile(name), name
-        logger = logging.getLogger(name)
-        logger.addHandler(handler)
-        try:
-            logger.warning(f"{prefix}: noise")
-            logger.warning("anything else")
-        finally:
-            logger.removeHandler(handler)
-    assert seen == ["anything else"] * len(KNOWN_NOISE)
 
 
 def _cli(config_path, env=None) -> subprocess.Popen:

@@ -143,7 +143,9 @@ def ray_head(tmp_path_factory):
         ray.shutdown()
         proc.terminate()
         try:
-            proc.wait(timeout=60)
+            # `ray start --block` stops its processes one by one, slowly (half a minute after a
+            # whole suite's jobs and actors); nothing of this throwaway cluster needs keeping.
+            proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)  # its own session: only what it started
             proc.wait(10)

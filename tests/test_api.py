@@ -342,9 +342,9 @@ STOP_CYCLES = 3
 
 
 def test_stop_resume_and_limits(api, tiny_dir, runs):
-    # The second run: cycle 0 plus 3 more, each training 2^20 tokens (seconds, where the
+    # The second run: cycle 0 plus 3 more, each training 2^19 tokens (seconds, where the
     # tiny default trains in a tenth of one): long enough to be seen and stopped part-way.
-    slow = {"tokens_per_cycle": 2**20, "log_every": 500, "checkpoint_every": 1000}
+    slow = {"tokens_per_cycle": 2**19, "log_every": 500, "checkpoint_every": 1000}
     r = api.post(
         "/v1/distillations", json=body(tiny_dir, distill={"cycles": STOP_CYCLES}, train=slow)
     )

@@ -9,6 +9,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import ray
 import torch
 from torch import Tensor
@@ -84,7 +85,15 @@ class RayBackend:
         cfg = self.cfg
         rows = cfg.sae.norm_batches * cfg.train.batch_size
         first = math.ceil(rows / (cfg.data.context_length - 1))
-        ds = activation_dataset(cfg, self._tokens(), self.data.specials, first_blocks=first)
+        if cfg.data.cache_activations:
+            # The cache holds these rows (every token block's): read them back instead of
+            # starting a pool of LM actors for them. The same rows give the same bits (an exact
+            # sum), and the cache is written once either way.
+            ds = self._dataset().map_batches(
+                _first_positions(first * cfg.data.context_length), batch_format="numpy"
+            )
+        else:
+            ds = activation_dataset(cfg, self._tokens(), self.data.specials, first_blocks=first)
         batches = ds.iter_torch_batches(batch_size=cfg.train.batch_size, dtypes=torch.float32)
         return estimate_norm_factor(b["x"] for b in batches)
 
@@ -122,3 +131,13 @@ class RayBackend:
         if self.coordinator is not None:
             # Its state is on disk; a resumed run starts a fresh one from there.
             ray.kill(self.coordinator)
+
+
+def _first_positions(end: int) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]:
+    """The rows of a batch whose token-stream position is below ``end``."""
+
+    def keep(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        mask = batch["pos"] < end
+        return {k: v[mask] for k, v in batch.items()}
+
+    return keep

@@ -9,8 +9,6 @@ database table: a restarted service lists what is on disk.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import shutil
 import time
 from contextlib import AbstractContextManager
@@ -47,7 +45,7 @@ def sweeps_root(runs_root: Path) -> Path:
 
 
 def request_digest(request: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()
+    return service.digest(request)
 
 
 class Sweeps(Resource[str]):

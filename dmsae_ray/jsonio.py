@@ -1,4 +1,5 @@
-"""Atomic JSON files: the one writer every run, sweep and service file goes through.
+"""Atomic JSON files: the one writer every run, sweep and service file goes through; and the one
+digest of JSON data (config, request and cache identities).
 
 A file is written to a hidden temporary name beside its target and renamed into place, so a
 reader (another process, a restarted service) never sees half of one. Torch- and Ray-free.
@@ -6,6 +7,7 @@ reader (another process, a restarted service) never sees half of one. Torch- and
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -40,3 +42,10 @@ def read_json_or_none(path: str | Path) -> Any:
         return read_json(path)
     except (FileNotFoundError, json.JSONDecodeError):
         return None
+
+
+def digest(data: Any) -> str:
+    """sha256 of ``data`` as canonical JSON (sorted keys; anything JSON cannot hold as its
+    ``str``): equal data, equal digest, in every process and version. What a run computes,
+    a sweep request and an activation cache are each named by one."""
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()

@@ -18,7 +18,6 @@ nor the pipeline, so a service process starts in a second or two.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shlex
@@ -31,7 +30,7 @@ from dmsae_ray.distributed.ray_jobs import JobInfo as JobInfo
 from dmsae_ray.distributed.ray_jobs import RayJobs as RayJobs
 from dmsae_ray.distributed.ray_jobs import RayUnavailable as RayUnavailable
 from dmsae_ray.distributed.ray_jobs import ServiceError as ServiceError
-from dmsae_ray.jsonio import atomic_write_json, atomic_write_text, read_json_or_none
+from dmsae_ray.jsonio import atomic_write_json, atomic_write_text, digest, read_json_or_none
 from dmsae_ray.run import sweep_plan
 from dmsae_ray.run.heartbeat import Liveness
 from dmsae_ray.run.heartbeat import driver_liveness as driver_liveness  # api/ reads it here
@@ -76,7 +75,7 @@ def config_digest(cfg: RunConfig) -> str:
     server upgrade that adds a config key still recognises an earlier submission's retry."""
     data = cfg.model_dump(mode="json", exclude_defaults=True)
     data.pop("run_dir", None)
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+    return digest(data)
 
 
 def entrypoint(config_path: str | Path, command: str = "dmsae") -> str:

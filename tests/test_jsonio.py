@@ -83,3 +83,18 @@ def test_read_json_or_none_on_missing_partial_and_valid_files(tmp_path):
     good.write_text('[1, "two", null]')
     assert read_json_or_none(good) == [1, "two", None]
     assert read_json_or_none(str(good)) == [1, "two", None]  # str paths too
+
+
+def test_digest_is_canonical_and_stable():
+    # key order does not matter; any value changes it; the bytes are sha256 of sorted JSON,
+    # so a digest written by an earlier version (a run's config_digest, a sweep's
+    # request_digest, an activation cache's directory name) still matches
+    a = {"sae": {"k": 8, "width": 256}, "distill": {"tau": 0.9}}
+    b = {"distill": {"tau": 0.9}, "sae": {"width": 256, "k": 8}}
+    assert jsonio.digest(a) == jsonio.digest(b)
+    assert jsonio.digest(a) != jsonio.digest({**a, "distill": {"tau": 0.8}})
+    import hashlib
+
+    canonical = json.dumps(a, sort_keys=True).encode()
+    assert jsonio.digest(a) == hashlib.sha256(canonical).hexdigest()
+    assert len(jsonio.digest(a)) == 64

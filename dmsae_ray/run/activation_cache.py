@@ -27,7 +27,6 @@ rows by position.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import uuid
 from collections.abc import Callable, Iterable
@@ -44,6 +43,7 @@ from torch import Tensor
 
 from dmsae_ray import storage
 from dmsae_ray.config import RunConfig
+from dmsae_ray.jsonio import digest
 from dmsae_ray.run.buffer import blocks_needed
 
 COMMIT = "COMMIT.json"  # written last: the cache is complete and names its attempt
@@ -61,7 +61,7 @@ def cache_key(cfg: RunConfig) -> dict:
 
 def cache_digest(cfg: RunConfig) -> str:
     """The name of a shared cache's subdirectory (both backends)."""
-    return hashlib.sha256(json.dumps(cache_key(cfg), sort_keys=True).encode()).hexdigest()[:16]
+    return digest(cache_key(cfg))[:16]
 
 
 def location(cfg: RunConfig, run_root: Path) -> tuple[pafs.FileSystem, str]:

@@ -37,7 +37,6 @@ nor matplotlib, so the REST service uses them without loading any of those.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import math
@@ -52,6 +51,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from dmsae_ray.config import ConfigError, RunConfig, load_config, read_config_file
+from dmsae_ray.jsonio import digest
 
 Log = Callable[[str], None]
 
@@ -247,10 +247,6 @@ def _local_paths_absolute(data: dict[str, Any]) -> None:
     cache = data.get("data", {}).get("activation_cache")
     if isinstance(cache, str) and "://" not in cache and not Path(cache).is_absolute():
         data["data"]["activation_cache"] = str(Path(cache).expanduser().resolve())
-
-
-def digest(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def _fmt(value: Any) -> str:

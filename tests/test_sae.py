@@ -1,7 +1,6 @@
 import torch
 
 from dmsae_ray.algo.core import Core, build_sae
-from dmsae_ray.algo.kernels import geometric_median
 from dmsae_ray.algo.sae import MatryoshkaBatchTopKSAE, group_sizes
 from dmsae_ray.algo.trainer import SAETrainer, lr_lambda
 from dmsae_ray.config import SAEConfig, TrainConfig
@@ -173,11 +172,6 @@ def test_aux_loss_only_on_dead_non_core_latents():
     dead = sae.dead_mask(1000)
     assert not dead[:4].any() and dead[4:].all()
     assert float(sae.aux_loss(x, x_hat, enc.post, dead).detach()) > 0
-
-
-def test_geometric_median_resists_outliers():
-    x = torch.cat([torch.zeros(50, 3), torch.full((3, 3), 1000.0)])
-    assert geometric_median(x).norm() < 1.0 < x.mean(0).norm()
 
 
 def test_lr_schedule_warms_up_and_decays_to_zero():

@@ -1,5 +1,6 @@
-"""Atomic JSON files: the one writer every run, sweep and service file goes through; and the one
-digest of JSON data (config, request and cache identities).
+"""Atomic JSON files: the one writer every run, sweep and service file goes through; directories
+written as a whole (``atomic_directory``); and the one digest of JSON data (config, request and
+cache identities).
 
 A file is written to a hidden temporary name beside its target and renamed into place, so a
 reader (another process, a restarted service) never sees half of one. Torch- and Ray-free.
@@ -10,7 +11,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +30,28 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
+def atomic_directory(path: str | Path) -> Iterator[Path]:
+    """A directory built under a hidden temporary name beside ``path`` (the block writes into the
+    yielded one) and renamed into place when the block ends: a reader (the driver after a
+    worker, a resumed run) finds the old directory or the whole new one. An existing ``path`` is
+    replaced. On an error or an interrupt the temporary copy is removed: nothing else would."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Not tempfile.mkdtemp: its mode 0700 would outlive the rename, and the driver and the
+    # workers of a cluster may read the directory as other users; mkdir applies the umask.
+    tmp = out.parent / f".{out.name}.{uuid.uuid4().hex[:12]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 import torch
 from cache_writer import writer
+from test_buffer import cfg_with
 
 from dmsae_ray import storage
-from dmsae_ray.config import validate
 from dmsae_ray.run.activation_cache import (
     COMMIT,
     FILE,
@@ -29,20 +29,6 @@ from dmsae_ray.run.activation_cache import (
     read_rows,
     write_rows,
 )
-
-
-def cfg_with(run_dir="runs/a", **sections):
-    data = {
-        "model": {"name": "some/model", "layer": 3, "dtype": "float32"},
-        "data": {"dataset": "corpus.jsonl", "context_length": 64},
-        "sae": {"width": 256, "k": 8},
-        "train": {"tokens_per_cycle": 4096, "batch_size": 256},
-        "ray": {"enabled": False},
-        "run_dir": run_dir,
-    }
-    for name, values in sections.items():
-        data.setdefault(name, {}).update(values)
-    return validate(data)
 
 
 def rows(n_blocks: int, context: int = 8, d: int = 4, seed: int = 0, first_block: int = 0):

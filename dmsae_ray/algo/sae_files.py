@@ -15,15 +15,12 @@ reader rebuilds either:
 
 from __future__ import annotations
 
-import os
-import shutil
-import uuid
 from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
 from dmsae_ray.algo.sae import MatryoshkaBatchTopKSAE
-from dmsae_ray.jsonio import atomic_write_json, read_json
+from dmsae_ray.jsonio import atomic_directory, atomic_write_json, read_json
 
 STATE_FILE = "dmsae_state.safetensors"
 HPARAMS_FILE = "dmsae_hparams.json"
@@ -36,26 +33,13 @@ def save_sae(
     """Write ``directory`` as a whole: built under a hidden temporary name beside it and renamed
     into place, so a reader (the driver after a worker, a resumed run) finds either the old
     directory or the complete new one. An existing ``directory`` is replaced."""
-    out = Path(directory)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # Not tempfile.mkdtemp: its mode 0700 would outlive the rename, and the driver and the
-    # workers of a cluster may read this directory as other users; mkdir applies the umask.
-    tmp = out.parent / f".{out.name}.{uuid.uuid4().hex[:12]}"
-    tmp.mkdir()
-    try:
+    with atomic_directory(directory) as tmp:
         # detach/cpu: a worker's SAE may live on a GPU; contiguous: safetensors requires it.
         state = {k: v.detach().cpu().contiguous() for k, v in sae.state_dict().items()}
         save_file(state, str(tmp / STATE_FILE))
         atomic_write_json(tmp / HPARAMS_FILE, sae.hparams())
         if metrics is not None:
             atomic_write_json(tmp / METRICS_FILE, metrics)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        # Nothing else ever removes a hidden temporary copy of an SAE.
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def load_sae(directory: str | Path) -> tuple[MatryoshkaBatchTopKSAE, dict | None]:

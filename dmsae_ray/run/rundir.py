@@ -7,8 +7,6 @@ half-written artefact and a restart resumes after the last committed cycle.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -20,7 +18,7 @@ from dmsae_ray.algo.core import Core
 from dmsae_ray.algo.sae import MatryoshkaBatchTopKSAE
 from dmsae_ray.algo.sae_files import load_sae, save_sae
 from dmsae_ray.config import ConfigError, MissingInputError, RunConfig, save_config, validate
-from dmsae_ray.jsonio import atomic_write_json, read_json
+from dmsae_ray.jsonio import atomic_directory, atomic_write_json, read_json
 from dmsae_ray.run.runfiles import CONFIG_FILE, STATE_FILE, cycle_dir, new_state
 from dmsae_ray.run.saelens import write_saelens
 
@@ -86,10 +84,9 @@ class RunDir:
         metrics: dict,
     ) -> None:
         """Write the whole cycle into a temp dir and rename it into place (all or nothing)."""
-        final = self.cycle_dir(cycle)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{cycle:03d}."))
-        try:
+        # A failed or interrupted write (disk full, a stop's KeyboardInterrupt) leaves neither
+        # the cycle nor a hidden copy of its SAE behind.
+        with atomic_directory(self.cycle_dir(cycle)) as tmp:
             sae_dir = tmp / "sae"
             # Our own full state (buffers, latent ids, normalised scale) for resume and
             # transfer, first: save_sae writes its directory as a whole, SAELens files beside.
@@ -97,14 +94,6 @@ class RunDir:
             write_saelens(sae_dir, sae, cfg, cycle, core_in, norm_factor)
             atomic_write_json(tmp / "core.json", core_out)
             _save_core_tensors(tmp / "core_encoder.safetensors", core)
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-        except BaseException:
-            # A failed or interrupted write (disk full, a stop's KeyboardInterrupt) leaves no
-            # hidden copy of the SAE behind: nothing else ever removes it.
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
 
     def load_sae(self, cycle: int) -> MatryoshkaBatchTopKSAE:
         return load_sae(self.cycle_dir(cycle) / "sae")[0]
